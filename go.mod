@@ -1,0 +1,3 @@
+module github.com/keyd/keyd
+
+go 1.26
