@@ -139,6 +139,9 @@ type Store interface {
 	// Commit makes b durable, waiting for the group commit that carries
 	// it. ctx only bounds the wait; the batch may still commit.
 	Commit(ctx context.Context, b *Batch) error
+	// Submit queues b behind every batch submitted before it and returns
+	// without waiting; Pending.Wait waits for durability.
+	Submit(b *Batch) *Pending
 	// Load reads the state needed at start: leases granted since `since`,
 	// all bucket and key penalty records, and day counts for `days`.
 	Load(since time.Time, days []string) (*State, error)
