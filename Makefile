@@ -1,0 +1,36 @@
+# keyd's build, test and benchmark entry points. CI runs `make test`.
+GO ?= go
+FUZZTIME ?= 10s
+
+.PHONY: build test lint fuzz bench demo clean
+
+build:
+	$(GO) build -o bin/ ./cmd/...
+
+# The whole test suite: formatting, vet, every test with the race
+# detector (real keyd and keyctl processes, real bbolt files, kill -9),
+# then each fuzz target for $(FUZZTIME).
+test: lint
+	$(GO) test -race -count=1 ./...
+	$(MAKE) fuzz
+
+lint:
+	@out=$$(gofmt -l $$(git ls-files '*.go')); if [ -n "$$out" ]; then echo "gofmt needed:"; echo "$$out"; exit 1; fi
+	$(GO) vet ./...
+
+fuzz:
+	$(GO) test -run='^$$' -fuzz='^FuzzParse$$' -fuzztime=$(FUZZTIME) ./internal/config/
+	$(GO) test -run='^$$' -fuzz='^FuzzClassifyBytes$$' -fuzztime=$(FUZZTIME) ./internal/gemini/
+	$(GO) test -run='^$$' -fuzz='^FuzzDecodeLeaseRequest$$' -fuzztime=$(FUZZTIME) ./internal/daemon/
+	$(GO) test -run='^$$' -fuzz='^FuzzDecodeReportRequest$$' -fuzztime=$(FUZZTIME) ./internal/daemon/
+
+# Lease+report round trips over the real socket with the durable store.
+bench:
+	$(GO) test -run='^$$' -bench=. -benchtime=3s ./internal/daemon/ ./internal/store/ ./internal/limiter/
+
+# keyd on the example keys.json with made-up secrets (no real Gemini key).
+demo:
+	$(GO) run ./cmd/keyd --config keys.json --env-file example.env --socket /tmp/keyd-demo/keyd.sock --state-dir /tmp/keyd-demo/state
+
+clean:
+	rm -rf bin

@@ -1,0 +1,270 @@
+// Package daemon is keyd: it owns a pool of Gemini API keys, enforces
+// each (project, model) bucket's limits exactly, and serves short-lived
+// key leases over HTTP/1.1 on a Unix socket, recording every grant and
+// report durably before it answers.
+package daemon
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"net/http"
+	"os"
+	"os/signal"
+	"os/user"
+	"path/filepath"
+	"strconv"
+	"syscall"
+	"time"
+
+	"github.com/keyd/keyd/api"
+	"github.com/keyd/keyd/internal/config"
+	"github.com/keyd/keyd/internal/limiter"
+	"github.com/keyd/keyd/internal/store"
+)
+
+// Version is keyd's version, set at build time with -ldflags "-X".
+var Version = "0.1.0-dev"
+
+// Options configure one run of keyd. Empty fields take the defaults that
+// keyd --help describes.
+type Options struct {
+	ConfigPath  string
+	EnvFile     string
+	SocketPath  string
+	SocketGroup string
+	StateDir    string
+	LogLevel    slog.Level
+	Log         io.Writer // default os.Stderr
+	// Ready, when set, is called once the socket listens.
+	Ready func()
+}
+
+// Main runs keyd with command-line args and returns its exit code.
+func Main(args []string) int {
+	opts, err := parseFlags(args, os.Stdout, os.Stderr)
+	if errors.Is(err, flag.ErrHelp) {
+		return 0
+	}
+	if err != nil {
+		return 2
+	}
+	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
+	defer stop()
+	if err := Run(ctx, opts); err != nil {
+		fmt.Fprintln(os.Stderr, "keyd:", err)
+		return 1
+	}
+	return 0
+}
+
+func parseFlags(args []string, stdout, stderr io.Writer) (Options, error) {
+	fs := flag.NewFlagSet("keyd", flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	var o Options
+	var level string
+	fs.StringVar(&o.ConfigPath, "config", "", "keys.json to load (default $KEYD_CONFIG, else ./keys.json)")
+	fs.StringVar(&o.EnvFile, "env-file", "", "`.env` file holding GEMINI_KEY_<key_id>=... secrets (default: .env beside keys.json; a missing file is fine)")
+	fs.StringVar(&o.SocketPath, "socket", "", "Unix socket to serve (default $KEYD_SOCKET, else $RUNTIME_DIRECTORY/keyd.sock,\nelse /run/keyd/keyd.sock for root, else $XDG_RUNTIME_DIR/keyd/keyd.sock)")
+	fs.StringVar(&o.SocketGroup, "socket-group", "", "group (name or gid) that owns the socket, mode 0660 (default: keyd's own group)")
+	fs.StringVar(&o.StateDir, "state-dir", "", "directory of the durable store keyd.db (default $STATE_DIRECTORY,\nelse $XDG_STATE_HOME/keyd, else ~/.local/state/keyd)")
+	fs.StringVar(&level, "log-level", "info", "log level: debug, info, warn or error")
+	fs.Usage = func() {
+		fmt.Fprintf(stderr, `keyd owns a pool of Gemini API keys and hands out short-lived key leases
+over a Unix socket, keeping every (project, model) bucket within its limits.
+
+Usage: keyd [flags]
+
+Flags:
+`)
+		fs.PrintDefaults()
+		fmt.Fprintf(stderr, `
+Secrets: GEMINI_KEY_<key_id> (or the key's secret_env) is looked up in the
+environment, then in the .env file, then in $CREDENTIALS_DIRECTORY/<key_id>.
+Talk to keyd with keyctl: keyctl status, keyctl lease --model M.
+`)
+	}
+	if err := fs.Parse(args); err != nil {
+		return o, err
+	}
+	if fs.NArg() > 0 {
+		fmt.Fprintf(stderr, "keyd: unexpected argument %q: keyd takes only flags (see keyd --help)\n", fs.Arg(0))
+		return o, errors.New("usage")
+	}
+	if err := o.LogLevel.UnmarshalText([]byte(level)); err != nil {
+		fmt.Fprintf(stderr, "keyd: --log-level %q: use debug, info, warn or error\n", level)
+		return o, err
+	}
+	return o, nil
+}
+
+// ConfigPath resolves the keys.json path: flag, $KEYD_CONFIG, ./keys.json.
+func ConfigPath(flagValue string) string {
+	if flagValue != "" {
+		return flagValue
+	}
+	if p := os.Getenv("KEYD_CONFIG"); p != "" {
+		return p
+	}
+	return "keys.json"
+}
+
+// StateDir resolves the state directory: flag, $STATE_DIRECTORY,
+// $XDG_STATE_HOME/keyd, ~/.local/state/keyd.
+func StateDir(flagValue string) (string, error) {
+	if flagValue != "" {
+		return flagValue, nil
+	}
+	if d := os.Getenv("STATE_DIRECTORY"); d != "" {
+		return filepath.SplitList(d)[0], nil
+	}
+	if d := os.Getenv("XDG_STATE_HOME"); d != "" {
+		return filepath.Join(d, "keyd"), nil
+	}
+	home, err := os.UserHomeDir()
+	if err != nil {
+		return "", fmt.Errorf("no state directory: pass --state-dir or set $STATE_DIRECTORY (%v)", err)
+	}
+	return filepath.Join(home, ".local", "state", "keyd"), nil
+}
+
+func lookupGroup(name string) (int, error) {
+	if name == "" {
+		return -1, nil
+	}
+	if n, err := strconv.Atoi(name); err == nil {
+		return n, nil
+	}
+	g, err := user.LookupGroup(name)
+	if err != nil {
+		return 0, fmt.Errorf("--socket-group %q: %v", name, err)
+	}
+	return strconv.Atoi(g.Gid)
+}
+
+// Run runs keyd until ctx is done. Startup order: config, store, state
+// restore, socket, serve; shutdown: refuse waiters, drain requests
+// (bounded), close the store, remove the socket.
+func Run(ctx context.Context, o Options) error {
+	logw := o.Log
+	if logw == nil {
+		logw = os.Stderr
+	}
+	log := slog.New(slog.NewTextHandler(logw, &slog.HandlerOptions{Level: o.LogLevel}))
+	cfgPath := ConfigPath(o.ConfigPath)
+	copts := config.Options{EnvFile: o.EnvFile}
+	cfg, err := config.Load(cfgPath, copts)
+	if err != nil {
+		return fmt.Errorf("loading config: %w", err)
+	}
+	gid, err := lookupGroup(o.SocketGroup)
+	if err != nil {
+		return err
+	}
+	stateDir, err := StateDir(o.StateDir)
+	if err != nil {
+		return err
+	}
+	st, err := store.Open(stateDir, store.Options{})
+	if err != nil {
+		return fmt.Errorf("opening the store: %w", err)
+	}
+	defer st.Close()
+
+	p := newPool(st, time.Now, log)
+	now := time.Now()
+	p.mu.Lock()
+	p.apply(cfg, now)
+	p.logConfig(cfg, "loaded")
+	saved, err := st.Load(now.Add(-(cfg.LeaseTTL + leaseGrace)), restoreDays(cfg, now))
+	if err != nil {
+		p.mu.Unlock()
+		return fmt.Errorf("reading the store: %w", err)
+	}
+	p.restore(saved, now)
+	p.mu.Unlock()
+	log.Info("state restored", "dir", stateDir, "leases", len(saved.Leases), "penalties", len(saved.Buckets)+len(saved.Keys))
+
+	sock := o.SocketPath
+	if sock == "" {
+		sock = api.DefaultSocketPath()
+	}
+	ln, err := listen(sock, gid)
+	if err != nil {
+		return err
+	}
+	reload := func() (*api.ReloadResponse, *api.Error) {
+		return p.reload(func() (*config.Config, error) { return config.Load(cfgPath, copts) })
+	}
+	srv := &server{pool: p, version: Version, self: uint32(os.Getuid()), log: log, reload: reload}
+	hs := &http.Server{
+		Handler:           srv.handler(),
+		ReadHeaderTimeout: 5 * time.Second,
+		IdleTimeout:       2 * time.Minute,
+		BaseContext:       func(net.Listener) context.Context { return ctx },
+		ConnContext:       connContext,
+		ErrorLog:          slog.NewLogLogger(log.Handler(), slog.LevelWarn),
+	}
+	serveErr := make(chan error, 1)
+	go func() { serveErr <- hs.Serve(ln) }()
+	log.Info("keyd serving", "socket", sock, "version", Version, "pid", os.Getpid())
+	if o.Ready != nil {
+		o.Ready()
+	}
+
+	hup := make(chan os.Signal, 1)
+	signal.Notify(hup, syscall.SIGHUP)
+	defer signal.Stop(hup)
+	janitor := time.NewTicker(time.Second)
+	defer janitor.Stop()
+	lastPrune := time.Time{}
+	for {
+		select {
+		case <-hup:
+			reload()
+			continue
+		case t := <-janitor.C:
+			p.mu.Lock()
+			p.expire(p.now())
+			ttl := p.cfg.LeaseTTL
+			p.mu.Unlock()
+			if t.Sub(lastPrune) > 10*time.Minute {
+				lastPrune = t
+				if err := st.Prune(t.Add(-(ttl + leaseGrace + time.Minute)), t.Add(-35*24*time.Hour)); err != nil {
+					log.Error("pruning the store failed", "err", err)
+				}
+			}
+			continue
+		case err := <-serveErr:
+			return fmt.Errorf("serving %s: %w", sock, err)
+		case <-ctx.Done():
+		}
+		break
+	}
+	log.Info("keyd stopping")
+	p.mu.Lock()
+	p.closing = true
+	p.kick()
+	p.mu.Unlock()
+	sctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if err := hs.Shutdown(sctx); err != nil {
+		log.Warn("requests still running at shutdown were cut", "err", err)
+	}
+	if err := st.Close(); err != nil {
+		return fmt.Errorf("closing the store: %w", err)
+	}
+	log.Info("keyd stopped")
+	return nil
+}
+
+// restoreDays lists the days whose counts a restart needs: today and
+// yesterday in the day-reset zone.
+func restoreDays(cfg *config.Config, now time.Time) []string {
+	b := limiter.New(limiter.Limits{RPM: 1, TPM: 1}, cfg.DayResetLocation)
+	return []string{b.DayOf(now), b.DayOf(now.Add(-24 * time.Hour))}
+}

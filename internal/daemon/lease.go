@@ -1,0 +1,339 @@
+package daemon
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"fmt"
+	"net/http"
+	"time"
+
+	"github.com/keyd/keyd/api"
+	"github.com/keyd/keyd/internal/config"
+	"github.com/keyd/keyd/internal/gemini"
+	"github.com/keyd/keyd/internal/limiter"
+	"github.com/keyd/keyd/internal/store"
+)
+
+// maxWait bounds a lease request's wait_ms.
+const maxWait = 10 * time.Minute
+
+var errShuttingDown = api.Errorf(http.StatusServiceUnavailable, api.CodeShuttingDown, "keyd is shutting down: retry once it is back")
+
+// newLeaseID returns a fresh lease ID that sorts by grant time.
+func newLeaseID(now time.Time) string {
+	var r [8]byte
+	rand.Read(r[:])
+	id := make([]byte, 0, 1+16+16)
+	id = append(id, 'l')
+	id = fmt.Appendf(id, "%016x", uint64(now.UnixNano()))
+	id = hex.AppendEncode(id, r[:])
+	return string(id)
+}
+
+// lease grants a lease for req, waiting up to req.WaitMS for capacity in
+// FIFO order per model. The grant is durable before lease returns.
+func (p *pool) lease(ctx context.Context, req *api.LeaseRequest) (*api.Lease, *api.Error) {
+	p.mu.Lock()
+	now := p.now()
+	if p.closing {
+		p.mu.Unlock()
+		return nil, errShuttingDown
+	}
+	tokens := req.Tokens
+	if tokens == 0 {
+		tokens = p.cfg.DefaultTokens
+	}
+	wait := time.Duration(req.WaitMS) * time.Millisecond
+	deadline := now.Add(wait)
+	var w *waiter
+	var timer *time.Timer
+	defer func() {
+		if timer != nil {
+			timer.Stop()
+		}
+	}()
+	for {
+		q := p.queues[req.Model]
+		head := w == nil && len(q) == 0 || w != nil && q[0] == w
+		var sel selection
+		if head {
+			sel = p.choose(now, req.Model, req.WorkloadType, tokens)
+			if sel.key != nil {
+				if w != nil {
+					p.dequeue(req.Model, w)
+				}
+				return p.grant(ctx, now, req, tokens, sel) // unlocks
+			}
+			if sel.err != nil {
+				if w != nil {
+					p.dequeue(req.Model, w)
+				}
+				p.mu.Unlock()
+				return nil, sel.err
+			}
+		}
+		if !now.Before(deadline) {
+			if w != nil {
+				p.dequeue(req.Model, w)
+			}
+			if !head { // behind others: report what the head would see
+				sel = p.choose(now, req.Model, req.WorkloadType, tokens)
+			}
+			msg := fmt.Sprintf("no key can serve %s now", req.Model)
+			if wait > 0 {
+				msg = fmt.Sprintf("no key could serve %s within %v", req.Model, wait)
+			}
+			if len(sel.why) > 0 {
+				msg += ": " + joinWhy(sel.why)
+			}
+			p.mu.Unlock()
+			return nil, noCapacity(msg, sel.retryAt, now)
+		}
+		if w == nil {
+			w = &waiter{}
+			p.queues[req.Model] = append(q, w)
+		}
+		wake := deadline
+		if head && !sel.retryAt.IsZero() && sel.retryAt.Before(wake) {
+			wake = sel.retryAt
+		}
+		changed := p.changed
+		p.mu.Unlock()
+		if timer == nil {
+			timer = time.NewTimer(wake.Sub(now))
+		} else {
+			timer.Reset(wake.Sub(now))
+		}
+		select {
+		case <-ctx.Done():
+			p.mu.Lock()
+			p.dequeue(req.Model, w)
+			p.mu.Unlock()
+			return nil, api.Errorf(499, api.CodeBadRequest, "request canceled while waiting")
+		case <-changed:
+		case <-timer.C:
+		}
+		p.mu.Lock()
+		now = p.now()
+		if p.closing {
+			p.dequeue(req.Model, w)
+			p.mu.Unlock()
+			return nil, errShuttingDown
+		}
+	}
+}
+
+func joinWhy(why []string) string {
+	const most = 8
+	s := ""
+	for i, w := range why {
+		if i == most {
+			s += fmt.Sprintf("; and %d more", len(why)-most)
+			break
+		}
+		if i > 0 {
+			s += "; "
+		}
+		s += w
+	}
+	return s
+}
+
+// dequeue removes w from its model's queue and wakes the others, since
+// the head may have changed. Callers hold mu.
+func (p *pool) dequeue(model string, w *waiter) {
+	q := p.queues[model]
+	for i, x := range q {
+		if x == w {
+			q = append(q[:i:i], q[i+1:]...)
+			break
+		}
+	}
+	if len(q) == 0 {
+		delete(p.queues, model)
+	} else {
+		p.queues[model] = q
+	}
+	p.kick()
+}
+
+// grant records a grant on sel, hands the batch to the store in order,
+// unlocks mu and waits for the commit.
+func (p *pool) grant(ctx context.Context, now time.Time, req *api.LeaseRequest, tokens int64, sel selection) (*api.Lease, *api.Error) {
+	k := sel.key.key
+	id := newLeaseID(now)
+	b := sel.bucket
+	b.Grant(now, id, tokens)
+	day, count := b.Day(now)
+	ls := &leaseState{
+		rec: store.Lease{
+			ID: id, KeyID: k.ID, Project: k.Project, Model: req.Model, Client: req.Client,
+			Tokens: tokens, GrantedAt: now, ExpiresAt: now.Add(p.cfg.LeaseTTL), Day: day,
+		},
+		key: sel.key, bucket: b, bid: sel.bid, hidx: -1,
+	}
+	p.leases[id] = ls
+	p.retained = append(p.retained, ls)
+	p.openLease(ls)
+	sel.key.lastUsed = now
+	batch := &store.Batch{
+		Leases: []store.Lease{ls.rec},
+		Days:   []store.Day{{Project: k.Project, Model: req.Model, Day: day, Count: count}},
+		Usage: []store.UsageDelta{{Hour: hour(now), Project: k.Project, Model: req.Model, KeyID: k.ID,
+			Requests: 1, PromptTokens: tokens}},
+	}
+	pending := p.st.Submit(batch)
+	lease := &api.Lease{LeaseID: id, KeyID: k.ID, Project: k.Project, Model: req.Model,
+		Secret: k.Secret, Tokens: tokens, ExpiresAt: ls.rec.ExpiresAt}
+	p.kick() // the queue's head changed
+	p.mu.Unlock()
+	if err := pending.Wait(context.WithoutCancel(ctx)); err != nil {
+		p.log.Error("store commit failed; lease withdrawn", "lease", id, "key", k.ID, "err", err)
+		p.mu.Lock()
+		b.Refund(p.now(), id, now)
+		p.closeLease(ls)
+		delete(p.leases, id)
+		p.kick()
+		p.mu.Unlock()
+		return nil, api.Errorf(http.StatusInternalServerError, api.CodeInternal, "recording the lease failed: %v", err)
+	}
+	p.log.Debug("lease granted", "lease", id, "key", k.ID, "model", req.Model, "tokens", tokens, "client", req.Client)
+	return lease, nil
+}
+
+func hour(t time.Time) time.Time { return t.UTC().Truncate(time.Hour) }
+
+// report applies the outcome of a lease's call. A repeated report returns
+// the first one's classification and changes nothing.
+func (p *pool) report(ctx context.Context, id string, rep *api.ReportRequest) (*api.ReportResponse, *api.Error) {
+	p.mu.Lock()
+	now := p.now()
+	ls := p.leases[id]
+	if ls == nil {
+		p.mu.Unlock()
+		return nil, api.Errorf(http.StatusNotFound, api.CodeNotFound,
+			"lease %s is unknown: it was never granted, or expired over %v ago", id, leaseGrace)
+	}
+	r := &ls.rec
+	if r.Reported {
+		resp := &api.ReportResponse{LeaseID: id, KeyID: r.KeyID, Classification: r.Classification, Action: r.Action, Duplicate: true}
+		p.mu.Unlock()
+		return resp, nil
+	}
+	batch := &store.Batch{}
+	usage := store.UsageDelta{Hour: hour(r.GrantedAt), Project: r.Project, Model: r.Model, KeyID: r.KeyID}
+	var class, action string
+	if rep.Outcome == api.OutcomeUnused {
+		class, action = api.ClassUnused, "reservation refunded"
+		ls.bucket.Refund(now, id, r.GrantedAt)
+		if day, count := ls.bucket.Day(now); day == r.Day {
+			batch.Days = append(batch.Days, store.Day{Project: r.Project, Model: r.Model, Day: day, Count: count})
+		}
+		usage.Requests, usage.PromptTokens, usage.Unused = -1, -r.Tokens, 1
+	} else {
+		v := gemini.Classify(rep.Status, rep.Error)
+		class = v.Class
+		action = p.penalize(now, ls, v, batch)
+		switch class {
+		case api.ClassSuccess:
+			r.PromptTokens = -1
+			if u := rep.Usage; u != nil {
+				r.PromptTokens, r.OutputTokens = u.PromptTokens, u.OutputTokens
+				ls.bucket.Reconcile(id, r.GrantedAt, u.PromptTokens)
+				usage.PromptTokens = u.PromptTokens - r.Tokens
+				usage.OutputTokens = u.OutputTokens
+			}
+		case api.ClassRateMinute:
+			usage.RateMinute = 1
+		case api.ClassRateDay:
+			usage.RateDay = 1
+		case api.ClassQuotaZero, api.ClassCapacity, api.ClassBilling:
+			usage.Other429 = 1
+		default:
+			usage.Errors = 1
+		}
+	}
+	r.Reported, r.ReportedAt, r.Classification, r.Action = true, now, class, action
+	p.closeLease(ls)
+	batch.Leases = append(batch.Leases, *r)
+	batch.Usage = append(batch.Usage, usage)
+	pending := p.st.Submit(batch)
+	p.kick()
+	resp := &api.ReportResponse{LeaseID: id, KeyID: r.KeyID, Classification: class, Action: action}
+	p.mu.Unlock()
+	if err := pending.Wait(context.WithoutCancel(ctx)); err != nil {
+		p.log.Error("store commit failed for a report", "lease", id, "err", err)
+		return nil, api.Errorf(http.StatusInternalServerError, api.CodeInternal, "recording the report failed: %v", err)
+	}
+	p.log.Debug("lease reported", "lease", id, "key", r.KeyID, "class", class, "action", action)
+	return resp, nil
+}
+
+// penalize applies the consequences of an upstream verdict to the lease's
+// bucket or key, adds their durable records to batch, and says what it
+// did. Callers hold mu.
+func (p *pool) penalize(now time.Time, ls *leaseState, v gemini.Verdict, batch *store.Batch) string {
+	b, bid := ls.bucket, ls.bid
+	reason := v.Summary()
+	var action string
+	switch v.Class {
+	case api.ClassSuccess:
+		if b.Penalty(now).Streak > 0 {
+			b.Succeeded()
+			putBucket(batch, bid, b.Penalty(now))
+		}
+		return ""
+	case api.ClassRateMinute:
+		until := b.Cool(now, v.RetryDelay, reason)
+		action = fmt.Sprintf("bucket %s cooling for %v", bid, until.Sub(now).Round(time.Millisecond))
+	case api.ClassRateDay:
+		until := b.Exhaust(now, reason)
+		action = fmt.Sprintf("bucket %s exhausted until %s", bid, until.Format(time.RFC3339))
+	case api.ClassQuotaZero:
+		b.Disable(reason + ": the model is not available to this project's tier")
+		action = fmt.Sprintf("bucket %s disabled", bid)
+	case api.ClassCapacity:
+		until := b.Backoff(now, capacityBackoff, reason)
+		action = fmt.Sprintf("bucket %s backing off for %v (upstream capacity; key not blamed)", bid, until.Sub(now).Round(time.Millisecond))
+	case api.ClassBilling:
+		for obid, ob := range p.buckets {
+			if obid.Project == bid.Project {
+				ob.Disable(reason)
+				putBucket(batch, obid, ob.Penalty(now))
+			}
+		}
+		if p.buckets[bid] != b { // a bucket removed by a reload still takes the verdict
+			b.Disable(reason)
+			putBucket(batch, bid, b.Penalty(now))
+		}
+		action = fmt.Sprintf("every bucket of project %s disabled (billing)", bid.Project)
+		p.log.Info("project disabled", "project", bid.Project, "reason", reason)
+		return action
+	case api.ClassKeyInvalid, api.ClassKeyDenied:
+		ks := ls.key
+		if ks.disabled == nil {
+			ks.disabled = &store.Key{KeyID: ls.rec.KeyID, Reason: reason, By: "upstream", At: now, SecretHash: secretHash(ks.key.Secret)}
+			batch.Keys = append(batch.Keys, *ks.disabled)
+			p.log.Info("key disabled", "key", ls.rec.KeyID, "reason", reason)
+		}
+		return fmt.Sprintf("key %s disabled", ls.rec.KeyID)
+	default:
+		return ""
+	}
+	pen := b.Penalty(now)
+	putBucket(batch, bid, pen)
+	p.log.Info("bucket "+pen.State.String(), "bucket", bid.String(), "until", pen.Until, "reason", reason)
+	return action
+}
+
+// putBucket adds the durable form of a bucket's penalty to batch: a record,
+// or its deletion once nothing is left to remember.
+func putBucket(batch *store.Batch, bid config.BucketID, pen limiter.Penalty) {
+	if pen.State == limiter.Ready && pen.Streak == 0 {
+		batch.DeleteBuckets = append(batch.DeleteBuckets, store.BucketKey{Project: bid.Project, Model: bid.Model})
+		return
+	}
+	batch.Buckets = append(batch.Buckets, store.Bucket{Project: bid.Project, Model: bid.Model,
+		State: pen.State.String(), Until: pen.Until, Reason: pen.Reason, Streak: pen.Streak})
+}

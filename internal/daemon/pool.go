@@ -1,0 +1,442 @@
+package daemon
+
+import (
+	"container/heap"
+	"crypto/sha256"
+	"encoding/hex"
+	"fmt"
+	"log/slog"
+	"net/http"
+	"slices"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/keyd/keyd/api"
+	"github.com/keyd/keyd/internal/config"
+	"github.com/keyd/keyd/internal/limiter"
+	"github.com/keyd/keyd/internal/store"
+)
+
+// Retention of lease records after their grant beyond the lease TTL: an
+// open lease stays reportable this long after it expires.
+const leaseGrace = time.Hour
+
+// capacityBackoff is how long a bucket rests after a 429 without quota
+// details (the upstream was short of capacity, not the bucket of quota).
+const capacityBackoff = 5 * time.Second
+
+// pool is the daemon's whole mutable state: configuration, keys, buckets,
+// leases and waiters. mu guards every field below it; no method holds mu
+// across I/O other than handing a batch to the store's writer queue, which
+// keeps batches in the order their state changes happened.
+type pool struct {
+	st    store.Store
+	now   func() time.Time
+	log   *slog.Logger
+	start time.Time
+
+	mu       sync.Mutex
+	cfg      *config.Config
+	loadedAt time.Time
+	lastErr  string // last failed (re)load
+	keys     map[string]*keyState
+	order    []*keyState            // keys of cfg, in file order
+	byModel  map[string][]*keyState // keys of cfg serving each model
+	buckets  map[config.BucketID]*limiter.Bucket
+	leases   map[string]*leaseState
+	expiries leaseHeap // open leases by expiry
+	retained []*leaseState
+	queues   map[string][]*waiter // FIFO of waiting lease requests per model
+	changed  chan struct{}        // closed and replaced when capacity may have freed
+	closing  bool
+}
+
+// keyState is one key: its configuration and what keyd learned about it.
+type keyState struct {
+	key      *config.Key
+	removed  bool // no longer in the config; kept for its open leases
+	disabled *store.Key
+	inFlight int64
+	open     map[*leaseState]struct{}
+	lastUsed time.Time
+}
+
+type leaseState struct {
+	rec    store.Lease
+	key    *keyState
+	bucket *limiter.Bucket
+	bid    config.BucketID
+	open   bool // granted, not reported, not expired
+	hidx   int  // index in pool.expiries, -1 when not there
+}
+
+type waiter struct{ id uint64 }
+
+// leaseHeap orders open leases by expiry.
+type leaseHeap []*leaseState
+
+func (h leaseHeap) Len() int           { return len(h) }
+func (h leaseHeap) Less(i, j int) bool { return h[i].rec.ExpiresAt.Before(h[j].rec.ExpiresAt) }
+func (h leaseHeap) Swap(i, j int) {
+	h[i], h[j] = h[j], h[i]
+	h[i].hidx, h[j].hidx = i, j
+}
+func (h *leaseHeap) Push(x any) {
+	l := x.(*leaseState)
+	l.hidx = len(*h)
+	*h = append(*h, l)
+}
+func (h *leaseHeap) Pop() any {
+	old := *h
+	l := old[len(old)-1]
+	old[len(old)-1] = nil
+	*h = old[:len(old)-1]
+	l.hidx = -1
+	return l
+}
+
+func newPool(st store.Store, now func() time.Time, log *slog.Logger) *pool {
+	return &pool{
+		st: st, now: now, log: log, start: now(),
+		keys:    map[string]*keyState{},
+		buckets: map[config.BucketID]*limiter.Bucket{},
+		leases:  map[string]*leaseState{},
+		queues:  map[string][]*waiter{},
+		changed: make(chan struct{}),
+	}
+}
+
+func secretHash(s string) string {
+	if s == "" {
+		return ""
+	}
+	h := sha256.Sum256([]byte(s))
+	return hex.EncodeToString(h[:8])
+}
+
+// kick wakes every waiter: capacity may have freed. Callers hold mu.
+func (p *pool) kick() {
+	close(p.changed)
+	p.changed = make(chan struct{})
+}
+
+// apply installs cfg as the configuration in effect, keeping the state of
+// every key and bucket that still exists. Callers hold mu.
+func (p *pool) apply(cfg *config.Config, now time.Time) {
+	p.cfg, p.loadedAt, p.lastErr = cfg, now, ""
+	seen := map[string]bool{}
+	p.order = p.order[:0]
+	p.byModel = map[string][]*keyState{}
+	for _, k := range cfg.Keys {
+		ks := p.keys[k.ID]
+		if ks == nil {
+			ks = &keyState{open: map[*leaseState]struct{}{}}
+			p.keys[k.ID] = ks
+		}
+		ks.key, ks.removed = k, false
+		if d := ks.disabled; d != nil && d.By == "upstream" && d.SecretHash != secretHash(k.Secret) && k.Secret != "" {
+			p.log.Info("key re-enabled: its secret changed", "key", k.ID, "was", d.Reason)
+			ks.disabled = nil
+		}
+		seen[k.ID] = true
+		p.order = append(p.order, ks)
+		for m := range k.Models {
+			p.byModel[m] = append(p.byModel[m], ks)
+		}
+	}
+	for id, ks := range p.keys {
+		if !seen[id] {
+			ks.removed = true
+			if len(ks.open) == 0 {
+				delete(p.keys, id)
+			}
+		}
+	}
+	for bid, l := range cfg.Buckets {
+		lim := limiter.Limits{RPM: l.RPM, TPM: l.TPM, RPD: l.RPD, BurstCapacity: l.BurstCapacity}
+		if b := p.buckets[bid]; b != nil {
+			b.SetLimits(lim, now)
+		} else {
+			p.buckets[bid] = limiter.New(lim, cfg.DayResetLocation)
+		}
+	}
+	for bid := range p.buckets {
+		if _, ok := cfg.Buckets[bid]; !ok {
+			delete(p.buckets, bid) // open leases keep their own pointer
+		}
+	}
+	p.kick()
+}
+
+// restore rebuilds the state saved in the store, after apply of the first
+// configuration. Callers hold mu.
+func (p *pool) restore(s *store.State, now time.Time) {
+	for _, k := range s.Keys {
+		if ks := p.keys[k.KeyID]; ks != nil {
+			kk := k
+			ks.disabled = &kk
+		}
+	}
+	for _, b := range s.Buckets {
+		bk := p.buckets[config.BucketID{Project: b.Project, Model: b.Model}]
+		if bk == nil {
+			continue
+		}
+		pen := limiter.Penalty{Until: b.Until, Reason: b.Reason, Streak: b.Streak}
+		switch b.State {
+		case api.StateCooling:
+			pen.State = limiter.Cooling
+		case api.StateExhausted:
+			pen.State = limiter.Exhausted
+		case api.StateDisabled:
+			pen.State = limiter.Disabled
+		}
+		bk.SetPenalty(pen)
+	}
+	days := map[config.BucketID]store.Day{}
+	for _, d := range s.Days {
+		days[config.BucketID{Project: d.Project, Model: d.Model}] = d
+	}
+	grants := map[config.BucketID][]limiter.Grant{}
+	for _, rec := range s.Leases {
+		bid := config.BucketID{Project: rec.Project, Model: rec.Model}
+		ls := &leaseState{rec: rec, bid: bid, bucket: p.buckets[bid], key: p.keys[rec.KeyID], hidx: -1}
+		p.leases[rec.ID] = ls
+		p.retained = append(p.retained, ls)
+		if rec.Classification == api.ClassUnused {
+			continue
+		}
+		tokens := rec.Tokens
+		if rec.Reported && rec.PromptTokens >= 0 && rec.Classification == api.ClassSuccess {
+			tokens = rec.PromptTokens
+		}
+		grants[bid] = append(grants[bid], limiter.Grant{ID: rec.ID, At: rec.GrantedAt, Tokens: tokens})
+		if !rec.Reported && now.Before(rec.ExpiresAt) && ls.key != nil {
+			p.openLease(ls)
+		}
+	}
+	for bid, b := range p.buckets {
+		today := b.DayOf(now)
+		var n int64
+		if d, ok := days[bid]; ok && d.Day == today {
+			n = d.Count
+		}
+		pen := b.Penalty(now)
+		b.Restore(now, grants[bid], today, n)
+		b.SetPenalty(pen)
+	}
+}
+
+func (p *pool) openLease(ls *leaseState) {
+	ls.open = true
+	ls.key.inFlight++
+	ls.key.open[ls] = struct{}{}
+	heap.Push(&p.expiries, ls)
+}
+
+func (p *pool) closeLease(ls *leaseState) {
+	if !ls.open {
+		return
+	}
+	ls.open = false
+	ls.key.inFlight--
+	delete(ls.key.open, ls)
+	if ls.hidx >= 0 {
+		heap.Remove(&p.expiries, ls.hidx)
+	}
+	if ls.key.removed && len(ls.key.open) == 0 && p.keys[ls.rec.KeyID] == ls.key {
+		delete(p.keys, ls.rec.KeyID)
+	}
+}
+
+// expire closes leases past their expiry and forgets records past their
+// retention. It returns the time of the next expiry (zero if none).
+// Callers hold mu.
+func (p *pool) expire(now time.Time) time.Time {
+	n := 0
+	for len(p.expiries) > 0 && !now.Before(p.expiries[0].rec.ExpiresAt) {
+		ls := p.expiries[0]
+		p.closeLease(ls)
+		p.log.Debug("lease expired unreported; it counts at its estimate", "lease", ls.rec.ID, "key", ls.rec.KeyID, "tokens", ls.rec.Tokens)
+		n++
+	}
+	cut := 0
+	for cut < len(p.retained) {
+		ls := p.retained[cut]
+		if !now.After(ls.rec.ExpiresAt.Add(leaseGrace)) && !(ls.rec.Reported && now.Sub(ls.rec.GrantedAt) > limiter.Window+ 15*time.Minute) {
+			break
+		}
+		if ls.open {
+			p.closeLease(ls)
+		}
+		delete(p.leases, ls.rec.ID)
+		cut++
+	}
+	if cut > 0 {
+		clear(p.retained[:cut])
+		p.retained = p.retained[cut:]
+	}
+	if n > 0 {
+		p.kick()
+	}
+	if len(p.expiries) > 0 {
+		return p.expiries[0].rec.ExpiresAt
+	}
+	return time.Time{}
+}
+
+// grantErr is a refusal of a lease request.
+func noCapacity(msg string, retryAt, now time.Time) *api.Error {
+	e := api.Errorf(http.StatusTooManyRequests, api.CodeNoCapacity, "%s", msg)
+	if !retryAt.IsZero() {
+		ms := max(retryAt.Sub(now).Milliseconds(), 1)
+		if retryAt.Sub(now)%time.Millisecond != 0 {
+			ms = max(int64((retryAt.Sub(now)+time.Millisecond-1)/time.Millisecond), 1)
+		}
+		e.RetryAfterMS = &ms
+	}
+	return e
+}
+
+// selection is the outcome of one attempt to pick a key.
+type selection struct {
+	key     *keyState
+	bid     config.BucketID
+	bucket  *limiter.Bucket
+	retryAt time.Time  // when some eligible bucket frees; zero if none will
+	err     *api.Error // a refusal that waiting cannot change
+	why     []string   // why each key could not be used now
+}
+
+// choose picks the key for a request, or says why none can serve it now.
+// Callers hold mu.
+func (p *pool) choose(now time.Time, model, workload string, tokens int64) selection {
+	var sel selection
+	keys, ok := p.byModel[model]
+	if !ok {
+		return selection{err: unknownModel(model, p.cfg.Models())}
+	}
+	var best *candidate
+	decisions := map[config.BucketID]limiter.Decision{}
+	fits, matches := false, false
+	for _, ks := range keys {
+		k := ks.key
+		if workload != "" && k.WorkloadType != workload {
+			continue
+		}
+		matches = true
+		switch {
+		case !k.Enabled:
+			sel.why = append(sel.why, k.ID+": enabled is false in keys.json")
+			continue
+		case k.Secret == "":
+			sel.why = append(sel.why, k.ID+": no secret")
+			continue
+		case ks.disabled != nil:
+			sel.why = append(sel.why, k.ID+": disabled: "+ks.disabled.Reason)
+			continue
+		}
+		bid := config.BucketID{Project: k.Project, Model: model}
+		b := p.buckets[bid]
+		if tokens <= b.Limits().TPM {
+			fits = true
+		}
+		d, seen := decisions[bid]
+		if !seen {
+			d = b.Check(now, tokens)
+			decisions[bid] = d
+		}
+		if !d.OK {
+			sel.why = append(sel.why, k.ID+": "+d.Reason)
+			if !d.Never {
+				sel.retryAt = earliest(sel.retryAt, now.Add(d.Wait))
+			}
+			continue
+		}
+		if k.MaxInFlight > 0 && ks.inFlight >= k.MaxInFlight {
+			sel.why = append(sel.why, fmt.Sprintf("%s: max_in_flight %d reached", k.ID, k.MaxInFlight))
+			for ls := range ks.open {
+				sel.retryAt = earliest(sel.retryAt, ls.rec.ExpiresAt)
+			}
+			continue
+		}
+		c := candidate{ks: ks, bid: bid, b: b, remain: remaining(b, now)}
+		if best == nil || better(&c, best) {
+			best = &c
+		}
+	}
+	switch {
+	case best != nil:
+		sel.key, sel.bid, sel.bucket = best.ks, best.bid, best.b
+	case !matches:
+		sel.err = api.Errorf(http.StatusServiceUnavailable, api.CodeNoKeys,
+			"no key of workload_type %q serves model %s (workload types: %s)", workload, model, strings.Join(workloads(keys), ", "))
+	case !fits && len(decisions) > 0:
+		sel.err = api.Errorf(http.StatusUnprocessableEntity, api.CodeTokensExceedTPM,
+			"a request of %d tokens exceeds the tpm limit of every bucket serving %s: it could never be sent; split it", tokens, model)
+	case sel.retryAt.IsZero():
+		sel.err = api.Errorf(http.StatusServiceUnavailable, api.CodeNoKeys,
+			"no key can serve %s: %s", model, strings.Join(sel.why, "; "))
+	}
+	return sel
+}
+
+// candidate is a key whose bucket can grant now.
+type candidate struct {
+	ks     *keyState
+	bid    config.BucketID
+	b      *limiter.Bucket
+	remain float64
+}
+
+// better orders candidates: higher priority, then more remaining capacity,
+// then the key used least recently.
+func better(x, y *candidate) bool {
+	if x.ks.key.Priority != y.ks.key.Priority {
+		return x.ks.key.Priority > y.ks.key.Priority
+	}
+	if x.remain != y.remain {
+		return x.remain > y.remain
+	}
+	return x.ks.lastUsed.Before(y.ks.lastUsed)
+}
+
+// remaining is the bucket's tightest remaining share of its limits.
+func remaining(b *limiter.Bucket, now time.Time) float64 {
+	l, u := b.Limits(), b.Usage(now)
+	r := min(1-float64(u.Requests)/float64(l.RPM), 1-float64(u.Tokens)/float64(l.TPM))
+	if l.RPD > 0 {
+		r = min(r, 1-float64(u.Day)/float64(l.RPD))
+	}
+	return r
+}
+
+func earliest(a, b time.Time) time.Time {
+	if a.IsZero() || (!b.IsZero() && b.Before(a)) {
+		return b
+	}
+	return a
+}
+
+func workloads(keys []*keyState) []string {
+	var out []string
+	for _, ks := range keys {
+		if w := ks.key.WorkloadType; w != "" && !slices.Contains(out, w) {
+			out = append(out, w)
+		}
+	}
+	slices.Sort(out)
+	if len(out) == 0 {
+		return []string{"none set"}
+	}
+	return out
+}
+
+func unknownModel(model string, models []string) *api.Error {
+	msg := fmt.Sprintf("model %s is not configured; configured: %s", model, strings.Join(models, ", "))
+	if n := config.Nearest(model, models); n != "" {
+		msg += fmt.Sprintf(" (did you mean %s?)", n)
+	}
+	return api.Errorf(http.StatusNotFound, api.CodeUnknownModel, "%s", msg)
+}
