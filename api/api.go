@@ -31,11 +31,14 @@ type LeaseRequest struct {
 	// WorkloadType, when set, restricts the choice to keys of that workload_type.
 	WorkloadType string `json:"workload_type,omitempty"`
 	// WaitMS is how long the caller is willing to wait for capacity, in
-	// milliseconds. Zero means answer at once.
+	// milliseconds, at most MaxWait. Zero means answer at once.
 	WaitMS int64 `json:"wait_ms,omitempty"`
 	// Client names the caller in logs and usage; free text.
 	Client string `json:"client,omitempty"`
 }
+
+// MaxWait bounds LeaseRequest.WaitMS.
+const MaxWait = 10 * time.Minute
 
 // Lease is a grant: the caller may send one request with Secret to Model
 // before ExpiresAt, and should report its outcome.

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"net/http"
 	"slices"
+	"strings"
 	"time"
 
 	"github.com/keyd/keyd/api"
@@ -27,7 +28,7 @@ func (p *pool) keyAction(ctx context.Context, keyID, action string, who string) 
 			ids = append(ids, k.key.ID)
 		}
 		p.mu.Unlock()
-		msg := fmt.Sprintf("key %s is not configured; configured: %v", keyID, ids)
+		msg := fmt.Sprintf("key %s is not configured; configured: %s", keyID, strings.Join(ids, ", "))
 		if n := config.Nearest(keyID, ids); n != "" {
 			msg += fmt.Sprintf(" (did you mean %s?)", n)
 		}

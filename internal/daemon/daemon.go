@@ -200,12 +200,16 @@ func Run(ctx context.Context, o Options) error {
 	reload := func() (*api.ReloadResponse, *api.Error) {
 		return p.reload(func() (*config.Config, error) { return config.Load(cfgPath, copts) })
 	}
+	// Requests live in their own context, canceled only after Shutdown has
+	// drained them, so that waiters get shutting_down rather than a reset.
+	reqCtx, cancelReqs := context.WithCancel(context.WithoutCancel(ctx))
+	defer cancelReqs()
 	srv := &server{pool: p, version: Version, self: uint32(os.Getuid()), log: log, reload: reload}
 	hs := &http.Server{
 		Handler:           srv.handler(),
 		ReadHeaderTimeout: 5 * time.Second,
 		IdleTimeout:       2 * time.Minute,
-		BaseContext:       func(net.Listener) context.Context { return ctx },
+		BaseContext:       func(net.Listener) context.Context { return reqCtx },
 		ConnContext:       connContext,
 		ErrorLog:          slog.NewLogLogger(log.Handler(), slog.LevelWarn),
 	}

@@ -15,9 +15,6 @@ import (
 	"github.com/keyd/keyd/internal/store"
 )
 
-// maxWait bounds a lease request's wait_ms.
-const maxWait = 10 * time.Minute
-
 var errShuttingDown = api.Errorf(http.StatusServiceUnavailable, api.CodeShuttingDown, "keyd is shutting down: retry once it is back")
 
 // newLeaseID returns a fresh lease ID that sorts by grant time.

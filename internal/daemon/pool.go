@@ -264,7 +264,7 @@ func (p *pool) expire(now time.Time) time.Time {
 	cut := 0
 	for cut < len(p.retained) {
 		ls := p.retained[cut]
-		if !now.After(ls.rec.ExpiresAt.Add(leaseGrace)) && !(ls.rec.Reported && now.Sub(ls.rec.GrantedAt) > limiter.Window+ 15*time.Minute) {
+		if !now.After(ls.rec.ExpiresAt.Add(leaseGrace)) && !(ls.rec.Reported && now.Sub(ls.rec.GrantedAt) > limiter.Window+15*time.Minute) {
 			break
 		}
 		if ls.open {

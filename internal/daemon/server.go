@@ -255,8 +255,8 @@ func decodeLeaseRequest(r *http.Request) (*api.LeaseRequest, *api.Error) {
 		return nil, api.Errorf(http.StatusBadRequest, api.CodeBadRequest, `"model" is required, e.g. {"model":"gemini-2.5-flash"}`)
 	case req.Tokens < 0:
 		return nil, api.Errorf(http.StatusBadRequest, api.CodeBadRequest, `"tokens" must be >= 0, got %d`, req.Tokens)
-	case req.WaitMS < 0 || time.Duration(req.WaitMS)*time.Millisecond > maxWait:
-		return nil, api.Errorf(http.StatusBadRequest, api.CodeBadRequest, `"wait_ms" must be between 0 and %d, got %d`, maxWait.Milliseconds(), req.WaitMS)
+	case req.WaitMS < 0 || time.Duration(req.WaitMS)*time.Millisecond > api.MaxWait:
+		return nil, api.Errorf(http.StatusBadRequest, api.CodeBadRequest, `"wait_ms" must be between 0 and %d, got %d`, api.MaxWait.Milliseconds(), req.WaitMS)
 	}
 	return &req, nil
 }

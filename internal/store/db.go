@@ -314,6 +314,10 @@ type Pending struct {
 	err error // set when the batch was refused before it was queued
 }
 
+// Done returns a Pending whose Wait returns err at once, for backends
+// that commit synchronously and for tests.
+func Done(err error) *Pending { return &Pending{err: err} }
+
 // Submit queues b for the next group commit and returns without waiting
 // for it: batches submitted one after another are applied in that order,
 // so a caller that submits while holding its own lock keeps its state
@@ -339,7 +343,7 @@ func (db *DB) Submit(b *Batch) *Pending {
 // Wait returns once the batch is durable (nil) or failed. If ctx ends
 // first it returns ctx.Err() at once, and the batch may still be applied.
 func (p *Pending) Wait(ctx context.Context) error {
-	if p.err != nil {
+	if p.r == nil {
 		return p.err
 	}
 	r := p.r

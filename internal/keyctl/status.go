@@ -1,0 +1,135 @@
+package keyctl
+
+import (
+	"context"
+	"flag"
+	"fmt"
+	"io"
+	"slices"
+	"strings"
+	"time"
+
+	"github.com/keyd/keyd/api"
+)
+
+var statusCmd = &command{
+	name:  "status",
+	args:  "[--json]",
+	short: "show keyd's config, warnings, keys and quota buckets",
+	long: `Status shows what keyd is running: the config file and when it was loaded,
+the last load error and every warning, then each key (state, leases in
+flight, why it is not ready and until when) and each (project, model) quota
+bucket with its usage against its limits. Secrets never appear: a key shows
+at most the last 4 characters of its secret.`,
+	setup: func(e *env, fs *flag.FlagSet) func(context.Context, []string) error {
+		asJSON := fs.Bool("json", false, "print keyd's status object as JSON")
+		return func(ctx context.Context, args []string) error {
+			if len(args) > 0 {
+				return usagef("status", "unexpected argument %q", args[0])
+			}
+			ctx, cancel := context.WithTimeout(ctx, callTimeout)
+			defer cancel()
+			st, err := e.client().Status(ctx)
+			if err != nil {
+				return err
+			}
+			if *asJSON {
+				return e.printJSON(st)
+			}
+			e.printStatus(e.stdout, st)
+			return nil
+		}
+	},
+}
+
+// modelsWidth is the width beyond which a key's models are summarized.
+const modelsWidth = 28
+
+func (e *env) printStatus(w io.Writer, st *api.Status) {
+	fmt.Fprintf(w, "keyd %s, up %s, socket %s\n", clean(st.Version), fmtDuration(time.Duration(st.UptimeS)*time.Second), e.socketPath())
+	cfg := st.Config
+	loaded := "never"
+	if !cfg.LoadedAt.IsZero() {
+		loaded = fmt.Sprintf("%s (%s)", cfg.LoadedAt.In(e.loc).Format("2006-01-02 15:04:05"), e.ago(cfg.LoadedAt))
+	}
+	fmt.Fprintf(w, "config: %s, loaded %s\n", clean(cfg.Path), loaded)
+	if cfg.LastError != "" {
+		fmt.Fprintf(w, "LAST ERROR (keyd kept the config above):\n")
+		for _, l := range strings.Split(strings.TrimSpace(cfg.LastError), "\n") {
+			fmt.Fprintf(w, "  %s\n", clean(l))
+		}
+	}
+	printWarnings(w, cfg.Warnings)
+
+	fmt.Fprintf(w, "\nKEYS: %s\n", keyCounts(st.Keys))
+	var rows [][]string
+	var labels []string
+	for _, k := range st.Keys {
+		// The row names the key: "key ID: " in front of a reason is noise.
+		reason := strings.TrimPrefix(k.Reason, "key "+k.KeyID+": ")
+		rows = append(rows, []string{k.KeyID, k.Project, models(k.Models), hint(k.SecretHint),
+			k.State, fmt.Sprint(k.InFlight), e.reasonUntil(k.State, reason, k.Until)})
+		labels = append(labels, k.KeyID)
+	}
+	fitTable(w, []string{"KEY", "PROJECT", "MODELS", "SECRET", "STATE", "IN-FLIGHT", "REASON/UNTIL"}, rows, labels)
+
+	fmt.Fprintf(w, "\nBUCKETS: %d\n", len(st.Buckets))
+	rows, labels = nil, nil
+	for _, b := range st.Buckets {
+		rows = append(rows, []string{b.Project, b.Model, b.State, counter(b.RPM), counter(b.TPM), counter(b.RPD),
+			e.reasonUntil(b.State, b.Reason, b.Until)})
+		labels = append(labels, b.Project+"/"+b.Model)
+	}
+	fitTable(w, []string{"PROJECT", "MODEL", "STATE", "RPM", "TPM", "RPD", "REASON/UNTIL"}, rows, labels)
+}
+
+// models lists a key's models in at most modelsWidth columns: the first
+// ones, then "+N" for the rest.
+func models(ms []string) string {
+	s := strings.Join(ms, ",")
+	if len(ms) <= 1 || len([]rune(s)) <= modelsWidth {
+		return s
+	}
+	for i := len(ms) - 1; i >= 1; i-- {
+		s = strings.Join(ms[:i], ",") + fmt.Sprintf(" +%d", len(ms)-i)
+		if len([]rune(s)) <= modelsWidth || i == 1 {
+			return s
+		}
+	}
+	return s
+}
+
+// printWarnings prints warnings, or that there are none: their absence is
+// worth stating too.
+func printWarnings(w io.Writer, warnings []string) {
+	if len(warnings) == 0 {
+		fmt.Fprintf(w, "warnings: none\n")
+		return
+	}
+	fmt.Fprintf(w, "WARNINGS (%d):\n", len(warnings))
+	for _, s := range warnings {
+		fmt.Fprintf(w, "  ! %s\n", clean(s))
+	}
+}
+
+// keyCounts says how many keys are in each state: "5 (3 ready, 2 cooling)".
+func keyCounts(keys []api.KeyStatus) string {
+	order := []string{api.StateReady, api.StateCooling, api.StateExhausted, api.StateDisabled, api.StateNoSecret}
+	n := map[string]int{}
+	for _, k := range keys {
+		if n[k.State] == 0 && !slices.Contains(order, k.State) {
+			order = append(order, k.State)
+		}
+		n[k.State]++
+	}
+	var parts []string
+	for _, s := range order {
+		if n[s] > 0 {
+			parts = append(parts, fmt.Sprintf("%d %s", n[s], clean(s)))
+		}
+	}
+	if len(parts) == 0 {
+		return "0"
+	}
+	return fmt.Sprintf("%d (%s)", len(keys), strings.Join(parts, ", "))
+}
