@@ -27,9 +27,9 @@ func TestMain(m *testing.M) { goleak.VerifyTestMain(m) }
 // real bbolt file.
 type testDaemon struct {
 	socket, dir string
-	http       *http.Client
-	log        *syncBuffer
-	stop       func() error
+	http        *http.Client
+	log         *syncBuffer
+	stop        func() error
 }
 
 type syncBuffer struct {

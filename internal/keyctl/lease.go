@@ -9,7 +9,6 @@ import (
 	"github.com/keyd/keyd/api"
 )
 
-
 var leaseCmd = &command{
 	name:  "lease",
 	args:  "--model M [--tokens N] [--wait D] [--workload W] [--client NAME] [--json | --env]",
