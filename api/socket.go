@@ -18,6 +18,35 @@ func DefaultSocketPath() string {
 	return SocketPathFrom(os.Getenv, os.Getuid())
 }
 
+// SystemSocketPath is where the system service (systemd/keyd.service) listens.
+const SystemSocketPath = "/run/keyd/keyd.sock"
+
+// ClientSocketPath is DefaultSocketPath for clients: when neither
+// $KEYD_SOCKET nor $RUNTIME_DIRECTORY is set and the user's own socket does
+// not exist, it is the system service's socket if that exists, so that a
+// generator run by any user finds the system keyd without configuration.
+func ClientSocketPath() string {
+	return ClientSocketPathFrom(os.Getenv, os.Getuid(), exists)
+}
+
+// ClientSocketPathFrom is ClientSocketPath with the environment, uid and
+// file test given.
+func ClientSocketPathFrom(getenv func(string) string, uid int, exists func(string) bool) string {
+	p := SocketPathFrom(getenv, uid)
+	if getenv("KEYD_SOCKET") != "" || getenv("RUNTIME_DIRECTORY") != "" || p == SystemSocketPath {
+		return p
+	}
+	if !exists(p) && exists(SystemSocketPath) {
+		return SystemSocketPath
+	}
+	return p
+}
+
+func exists(path string) bool {
+	_, err := os.Stat(path)
+	return err == nil
+}
+
 // SocketPathFrom is DefaultSocketPath with the environment and uid given.
 func SocketPathFrom(getenv func(string) string, uid int) string {
 	if p := getenv("KEYD_SOCKET"); p != "" {
@@ -34,7 +63,7 @@ func SocketPathFrom(getenv func(string) string, uid int) string {
 		return filepath.Join(d, "keyd.sock")
 	}
 	if uid == 0 {
-		return "/run/keyd/keyd.sock"
+		return SystemSocketPath
 	}
 	if d := getenv("XDG_RUNTIME_DIR"); d != "" {
 		return filepath.Join(d, "keyd", "keyd.sock")

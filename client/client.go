@@ -15,7 +15,7 @@
 //
 // A typical caller:
 //
-//	c := client.New("") // api.DefaultSocketPath()
+//	c := client.New("") // api.ClientSocketPath()
 //	lease, err := c.Lease(ctx, api.LeaseRequest{Model: "gemini-2.5-flash", Tokens: 2000})
 //	if d, ok := client.IsNoCapacity(err); ok {
 //		// nothing free now; retry after d (0: not without a config change)
@@ -53,13 +53,13 @@ type Client struct {
 }
 
 // New returns a Client for the keyd listening on socketPath; "" means
-// api.DefaultSocketPath(). New does not connect: the first call does.
+// api.ClientSocketPath(). New does not connect: the first call does.
 //
 // The client keeps up to 256 idle connections, enough for that many
 // callers sharing it without reconnecting.
 func New(socketPath string) *Client {
 	if socketPath == "" {
-		socketPath = api.DefaultSocketPath()
+		socketPath = api.ClientSocketPath()
 	}
 	var d net.Dialer
 	tr := &http.Transport{

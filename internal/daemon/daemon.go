@@ -24,6 +24,7 @@ import (
 	"github.com/keyd/keyd/api"
 	"github.com/keyd/keyd/internal/config"
 	"github.com/keyd/keyd/internal/limiter"
+	"github.com/keyd/keyd/internal/sdnotify"
 	"github.com/keyd/keyd/internal/store"
 )
 
@@ -197,7 +198,20 @@ func Run(ctx context.Context, o Options) error {
 	if err != nil {
 		return err
 	}
+	notify := func(state string) {
+		if err := sdnotify.Send(state); err != nil {
+			log.Warn("systemd notify failed", "err", err)
+		}
+	}
+	statusLine := func() string {
+		h := p.health(Version)
+		return fmt.Sprintf("STATUS=%d/%d keys ready", h.KeysReady, h.KeysTotal)
+	}
+	// reload is the one reload path: POST /v1/reload, SIGHUP (and the
+	// file watcher) all call it.
 	reload := func() (*api.ReloadResponse, *api.Error) {
+		notify(sdnotify.Reloading())
+		defer func() { notify("READY=1\n" + statusLine()) }()
 		return p.reload(func() (*config.Config, error) { return config.Load(cfgPath, copts) })
 	}
 	// Requests live in their own context, canceled only after Shutdown has
@@ -216,8 +230,15 @@ func Run(ctx context.Context, o Options) error {
 	serveErr := make(chan error, 1)
 	go func() { serveErr <- hs.Serve(ln) }()
 	log.Info("keyd serving", "socket", sock, "version", Version, "pid", os.Getpid())
+	notify("READY=1\n" + statusLine())
 	if o.Ready != nil {
 		o.Ready()
+	}
+	var watchdog <-chan time.Time
+	if d := sdnotify.WatchdogInterval(); d > 0 {
+		t := time.NewTicker(d)
+		defer t.Stop()
+		watchdog = t.C
 	}
 
 	hup := make(chan os.Signal, 1)
@@ -230,6 +251,9 @@ func Run(ctx context.Context, o Options) error {
 		select {
 		case <-hup:
 			reload()
+			continue
+		case <-watchdog:
+			notify("WATCHDOG=1\n" + statusLine())
 			continue
 		case t := <-janitor.C:
 			p.mu.Lock()
@@ -250,6 +274,7 @@ func Run(ctx context.Context, o Options) error {
 		break
 	}
 	log.Info("keyd stopping")
+	notify("STOPPING=1")
 	p.mu.Lock()
 	p.closing = true
 	p.kick()

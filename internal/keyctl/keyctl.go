@@ -40,14 +40,14 @@ type env struct {
 	now            func() time.Time
 	loc            *time.Location // for times shown to humans
 
-	socket string // --socket; "" means api.SocketPathFrom(getenv, uid)
+	socket string // --socket; "" means api.ClientSocketPathFrom
 }
 
 func (e *env) socketPath() string {
 	if e.socket != "" {
 		return e.socket
 	}
-	return api.SocketPathFrom(e.getenv, os.Getuid())
+	return api.ClientSocketPathFrom(e.getenv, os.Getuid(), func(p string) bool { _, err := os.Stat(p); return err == nil })
 }
 
 func (e *env) client() *client.Client { return client.New(e.socketPath()) }
