@@ -129,12 +129,14 @@ func (b *Bucket) SetLimits(l Limits, now time.Time) {
 // ending at now, starting full before the first one. Only the window
 // matters: a 60 s window of grants within the token bucket's bound keeps
 // every longer interval within it too, since the window cap, RPM, is what
-// the bucket refills in 60 s.
+// the bucket refills in 60 s. Every grant is charged, even one that the
+// current limits would not have allowed (made before they were lowered):
+// forgiving it would let the new pacer admit more than its bound.
 func (b *Bucket) replayPacer(now time.Time) {
 	b.pacer = rate.NewLimiter(rate.Limit(float64(b.limits.RPM)/60), int(b.limits.BurstCapacity))
 	for _, g := range b.grants {
 		if now.Sub(g.At) < Window {
-			b.pacer.AllowN(g.At, 1)
+			b.pacer.ReserveN(g.At, 1)
 		}
 	}
 }
@@ -247,7 +249,9 @@ func (b *Bucket) Grant(now time.Time, id string, tokens int64) {
 	b.tokSum += tokens
 	b.dayCnt++
 	if b.pacer != nil {
-		b.pacer.AllowN(now, 1)
+		// ReserveN, not AllowN: a grant is charged even if the pacer
+		// would have refused it, never silently forgotten.
+		b.pacer.ReserveN(now, 1)
 	}
 }
 
@@ -348,7 +352,8 @@ const (
 // Cool puts the bucket in Cooling after an upstream per-minute 429: for
 // max(retry, the time until the local window has room for one more
 // request), doubled for each earlier 429 in a row, capped at MaxCooldown.
-// It returns the cooldown's end.
+// It returns the end of the bucket's penalty: a longer one already in
+// place is kept, and a disabled bucket stays so (zero time).
 func (b *Bucket) Cool(now time.Time, retry time.Duration, reason string) time.Time {
 	b.advance(now)
 	d := max(retry, MinCooldown)
@@ -385,14 +390,16 @@ func (b *Bucket) impose(s PenaltyState, until time.Time, reason string) time.Tim
 }
 
 // Backoff puts the bucket in Cooling for d without counting a streak:
-// the upstream was short of capacity, not the bucket of quota.
+// the upstream was short of capacity, not the bucket of quota. It returns
+// the end of the bucket's penalty, as Cool does.
 func (b *Bucket) Backoff(now time.Time, d time.Duration, reason string) time.Time {
 	b.advance(now)
 	return b.impose(Cooling, now.Add(d), reason)
 }
 
 // Exhaust marks the day's quota used up until the next day reset, and
-// counts the day as full so that a restart keeps it so.
+// counts the day as full (with an RPD) so that a restart keeps it so. It
+// returns the end of the bucket's penalty, as Cool does.
 func (b *Bucket) Exhaust(now time.Time, reason string) time.Time {
 	b.advance(now)
 	if b.limits.RPD > 0 {
