@@ -7,11 +7,13 @@ FUZZTIME ?= 10s
 build:
 	$(GO) build -o bin/ ./cmd/...
 
-# The whole test suite: formatting, vet, every test with the race
+# The whole test suite: formatting, vet, every Go test with the race
 # detector (real keyd and keyctl processes, real bbolt files, kill -9),
-# then each fuzz target for $(FUZZTIME).
+# the Python client's tests against a real keyd, then each fuzz target
+# for $(FUZZTIME).
 test: lint
 	$(GO) test -race -count=1 ./...
+	python3 -m unittest discover -s clients/python
 	$(MAKE) fuzz
 
 lint:
