@@ -312,6 +312,12 @@ func (b *Bucket) Day(now time.Time) (string, int64) {
 	return b.day, b.dayCnt
 }
 
+// DayFull reports whether the day's RPD is used up, and when the day ends.
+func (b *Bucket) DayFull(now time.Time) (bool, time.Time) {
+	b.advance(now)
+	return b.limits.RPD > 0 && b.dayCnt >= b.limits.RPD, b.dayEnd
+}
+
 // Restore rebuilds the bucket after a restart from the grants of the last
 // window (any order; older ones are ignored) and the count of the day
 // `day`. The pacer is replayed over the same grants.
@@ -397,14 +403,13 @@ func (b *Bucket) Backoff(now time.Time, d time.Duration, reason string) time.Tim
 	return b.impose(Cooling, now.Add(d), reason)
 }
 
-// Exhaust marks the day's quota used up until the next day reset, and
-// counts the day as full (with an RPD) so that a restart keeps it so. It
-// returns the end of the bucket's penalty, as Cool does.
+// Exhaust marks the day's quota used up until the next day reset. The
+// day's count stays what keyd granted: the penalty is what blocks (the
+// daemon stores it, so a restart keeps it), and Clear lifts it, as an
+// admin who knows better may. It returns the end of the bucket's penalty,
+// as Cool does.
 func (b *Bucket) Exhaust(now time.Time, reason string) time.Time {
 	b.advance(now)
-	if b.limits.RPD > 0 {
-		b.dayCnt = max(b.dayCnt, b.limits.RPD)
-	}
 	return b.impose(Exhausted, b.dayEnd, reason)
 }
 

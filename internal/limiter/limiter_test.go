@@ -625,10 +625,9 @@ func TestExhaust(t *testing.T) {
 		if got := b.Exhaust(tc.at, "rpd 429"); !got.Equal(tc.until) {
 			t.Errorf("Exhaust(%v) = %v, want %v", tc.at, got, tc.until)
 		}
-		// The day counts as full, so that a restart keeps it so even
-		// without the penalty.
-		if _, n := b.Day(tc.at); n != l.RPD {
-			t.Errorf("Exhaust(%v): day count %d, want %d", tc.at, n, l.RPD)
+		// The day's count is what was granted; the penalty blocks.
+		if _, n := b.Day(tc.at); n != 1 {
+			t.Errorf("Exhaust(%v): day count %d, want 1", tc.at, n)
 		}
 		exact(tc.at, 1, tc.until.Sub(tc.at), "exhausted: rpd 429")(t, b)
 		penalty(tc.until, limiter.Penalty{})(t, b)
@@ -638,9 +637,11 @@ func TestExhaust(t *testing.T) {
 			do(func(b *limiter.Bucket) { b.Exhaust(t0, "rpd 429") }),
 			restart(t0.Add(1*sec), nil),
 			blocked(t0.Add(1*sec), 1, 12*time.Hour-1*sec, "exhausted"),
-			// Even if the penalty were lost, the day count holds.
-			do(func(b *limiter.Bucket) { b.SetPenalty(limiter.Penalty{}) }),
-			blocked(t0.Add(1*sec), 1, 12*time.Hour-1*sec, "rpd 100/100"),
+		}},
+		{"Clear reopens the day", l, []op{
+			do(func(b *limiter.Bucket) { b.Exhaust(t0, "rpd 429") }),
+			do(func(b *limiter.Bucket) { b.Clear() }),
+			ok(t0.Add(1*sec), 1),
 		}},
 	}.run(t)
 }

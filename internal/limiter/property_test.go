@@ -236,11 +236,6 @@ func (s *sim) events() {
 		s.penalized(s.b.Backoff(s.now, time.Second+time.Duration(r.Int64N(int64(time.Minute))), "capacity"))
 	case x < 101:
 		s.penalized(s.b.Exhaust(s.now, "rpd 429"))
-		// The day counts as full.
-		if s.lim.RPD > 0 {
-			d := s.b.DayOf(s.now)
-			s.days[d] = max(s.days[d], s.lim.RPD)
-		}
 	case x < 102:
 		s.b.Disable("billing")
 		s.disabled = true
@@ -250,7 +245,6 @@ func (s *sim) events() {
 	if s.disabled && r.IntN(200) == 0 {
 		s.b.Clear()
 		s.disabled, s.blockedUntil = false, time.Time{}
-		// Clear lifts the penalties, not a day counted full by Exhaust.
 	}
 }
 
