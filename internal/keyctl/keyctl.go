@@ -69,6 +69,10 @@ type command struct {
 	// setup registers the command's flags on fs and returns the function
 	// that runs the command with its positional arguments.
 	setup func(e *env, fs *flag.FlagSet) func(ctx context.Context, args []string) error
+	// rawArgs: the first positional argument (or "--") ends the command's
+	// flags, and it and all that follow are passed on as they are (a
+	// command line of its own, as for keyctl run).
+	rawArgs bool
 }
 
 // commands is every subcommand, in the order keyctl help lists them.
@@ -77,6 +81,7 @@ func commands() []*command {
 		statusCmd,
 		leaseCmd,
 		reportCmd,
+		runCmd,
 		reloadCmd,
 		keyActionCmd("disable", "stop leasing a key until it is enabled again"),
 		keyActionCmd("enable", "lift a disable (by an admin, or by keyd after an invalid-key error)"),
@@ -183,6 +188,10 @@ func runCommand(ctx context.Context, e *env, cmd *command, args []string) error 
 		if len(args) == 0 {
 			break
 		}
+		if cmd.rawArgs {
+			pos = args
+			break
+		}
 		pos = append(pos, args[0])
 		args = args[1:]
 	}
@@ -248,7 +257,8 @@ global flags:
                  root, else $XDG_RUNTIME_DIR/keyd/keyd.sock (here: %s)
 
 Run 'keyctl COMMAND --help' for a command's flags.
-Exit codes: 0 ok, 1 error, 2 usage, 3 no capacity (lease refused).
+Exit codes: 0 ok, 1 error, 2 usage, 3 no capacity (lease refused);
+keyctl run exits with its command's code.
 `, e.socketPath())
 }
 
