@@ -71,18 +71,31 @@ func (p *pool) keyAction(ctx context.Context, keyID, action string, who string) 
 func (p *pool) reload(load func() (*config.Config, error)) (*api.ReloadResponse, *api.Error) {
 	cfg, err := load()
 	p.mu.Lock()
-	defer p.mu.Unlock()
 	if err != nil {
 		p.lastErr = err.Error()
+		p.mu.Unlock()
 		p.log.Error("reload failed; the running configuration stays", "err", err)
 		return nil, api.Errorf(http.StatusUnprocessableEntity, api.CodeReloadFailed, "reload failed, the running configuration stays: %v", err)
 	}
 	changed := !sameConfig(p.cfg, cfg)
+	var pending *store.Pending
 	if changed {
-		p.apply(cfg, p.now())
-		p.logConfig(cfg, "reloaded")
+		batch := &store.Batch{}
+		p.apply(cfg, p.now(), batch)
+		if len(batch.DeleteKeys) > 0 {
+			pending = p.st.Submit(batch)
+		}
 	} else {
 		p.lastErr = ""
+	}
+	p.mu.Unlock()
+	if changed {
+		p.logConfig(cfg, "reloaded")
+	}
+	if pending != nil {
+		if err := pending.Wait(context.Background()); err != nil {
+			return nil, api.Errorf(http.StatusInternalServerError, api.CodeInternal, "recording the reload failed: %v", err)
+		}
 	}
 	return &api.ReloadResponse{Path: cfg.Path, Changed: changed, Keys: len(cfg.Keys), Warnings: nonNil(cfg.Warnings)}, nil
 }
@@ -146,7 +159,7 @@ func (p *pool) keyState(ks *keyState, now time.Time) (state, reason string, unti
 		if b == nil {
 			continue
 		}
-		pen := b.Penalty(now)
+		pen := bucketPenalty(b, now)
 		if pen.State == limiter.Ready {
 			return api.StateReady, "", nil
 		}
@@ -163,6 +176,19 @@ func (p *pool) keyState(ks *keyState, now time.Time) (state, reason string, unti
 		u = &t
 	}
 	return best.State.String(), bestModel + ": " + best.Reason, u
+}
+
+// bucketPenalty is the bucket's penalty as users see it: a day whose rpd
+// is used up shows as exhausted until the day resets, penalty or not.
+func bucketPenalty(b *limiter.Bucket, now time.Time) limiter.Penalty {
+	pen := b.Penalty(now)
+	if pen.State == limiter.Ready {
+		if full, end := b.DayFull(now); full {
+			_, n := b.Day(now)
+			pen = limiter.Penalty{State: limiter.Exhausted, Until: end, Reason: fmt.Sprintf("rpd %d/%d used until the day resets", n, b.Limits().RPD)}
+		}
+	}
+	return pen
 }
 
 func rank(p limiter.Penalty) int {
@@ -215,7 +241,7 @@ func (p *pool) status(version string) *api.Status {
 	})
 	for _, bid := range bids {
 		b := p.buckets[bid]
-		l, u, pen := b.Limits(), b.Usage(now), b.Penalty(now)
+		l, u, pen := b.Limits(), b.Usage(now), bucketPenalty(b, now)
 		bs := api.BucketState{
 			Project: bid.Project, Model: bid.Model, State: pen.State.String(), Reason: pen.Reason,
 			RPM: api.Counter{Used: u.Requests, Limit: l.RPM}, TPM: api.Counter{Used: u.Tokens, Limit: l.TPM},

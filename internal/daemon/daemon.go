@@ -18,6 +18,7 @@ import (
 	"os/user"
 	"path/filepath"
 	"strconv"
+	"sync"
 	"syscall"
 	"time"
 
@@ -26,7 +27,12 @@ import (
 	"github.com/keyd/keyd/internal/limiter"
 	"github.com/keyd/keyd/internal/sdnotify"
 	"github.com/keyd/keyd/internal/store"
+	"github.com/keyd/keyd/internal/watch"
 )
+
+// watchDebounce is the quiet time after a change to keys.json or .env
+// before keyd reloads: editors write in several steps.
+const watchDebounce = 100 * time.Millisecond
 
 // Version is keyd's version, set at build time with -ldflags "-X".
 var Version = "0.1.0-dev"
@@ -179,15 +185,19 @@ func Run(ctx context.Context, o Options) error {
 	p := newPool(st, time.Now, log)
 	now := time.Now()
 	p.mu.Lock()
-	p.apply(cfg, now)
+	fixups := &store.Batch{}
+	p.apply(cfg, now, fixups)
 	p.logConfig(cfg, "loaded")
 	saved, err := st.Load(now.Add(-(cfg.LeaseTTL + leaseGrace)), restoreDays(cfg, now))
 	if err != nil {
 		p.mu.Unlock()
 		return fmt.Errorf("reading the store: %w", err)
 	}
-	p.restore(saved, now)
+	p.restore(saved, now, fixups)
 	p.mu.Unlock()
+	if err := st.Commit(ctx, fixups); err != nil {
+		return fmt.Errorf("updating the store: %w", err)
+	}
 	log.Info("state restored", "dir", stateDir, "leases", len(saved.Leases), "penalties", len(saved.Buckets)+len(saved.Keys))
 
 	sock := o.SocketPath
@@ -207,9 +217,12 @@ func Run(ctx context.Context, o Options) error {
 		h := p.health(Version)
 		return fmt.Sprintf("STATUS=%d/%d keys ready", h.KeysReady, h.KeysTotal)
 	}
-	// reload is the one reload path: POST /v1/reload, SIGHUP (and the
-	// file watcher) all call it.
+	// reload is the one reload path: POST /v1/reload, SIGHUP and the file
+	// watcher all call it, one at a time.
+	var reloadMu sync.Mutex
 	reload := func() (*api.ReloadResponse, *api.Error) {
+		reloadMu.Lock()
+		defer reloadMu.Unlock()
 		notify(sdnotify.Reloading())
 		defer func() { notify("READY=1\n" + statusLine()) }()
 		return p.reload(func() (*config.Config, error) { return config.Load(cfgPath, copts) })
@@ -240,6 +253,17 @@ func Run(ctx context.Context, o Options) error {
 		defer t.Stop()
 		watchdog = t.C
 	}
+
+	watchCtx, stopWatch := context.WithCancel(ctx)
+	watchDone := make(chan struct{})
+	go func() {
+		defer close(watchDone)
+		err := watch.Run(watchCtx, []string{cfg.Path, cfg.EnvFile}, watchDebounce, log, func() { reload() })
+		if err != nil && !errors.Is(err, context.Canceled) {
+			log.Error("watching the config files failed; reload with keyctl reload or SIGHUP", "err", err)
+		}
+	}()
+	defer func() { stopWatch(); <-watchDone }()
 
 	hup := make(chan os.Signal, 1)
 	signal.Notify(hup, syscall.SIGHUP)

@@ -3,8 +3,10 @@ package daemon
 import (
 	"context"
 	"crypto/rand"
+	"encoding/binary"
 	"encoding/hex"
 	"fmt"
+	"log/slog"
 	"net/http"
 	"time"
 
@@ -17,15 +19,16 @@ import (
 
 var errShuttingDown = api.Errorf(http.StatusServiceUnavailable, api.CodeShuttingDown, "keyd is shutting down: retry once it is back")
 
-// newLeaseID returns a fresh lease ID that sorts by grant time.
+// newLeaseID returns a fresh lease ID that sorts by grant time: "l", the
+// grant's Unix nanoseconds as 16 hex digits, then 16 random hex digits.
 func newLeaseID(now time.Time) string {
-	var r [8]byte
-	rand.Read(r[:])
-	id := make([]byte, 0, 1+16+16)
-	id = append(id, 'l')
-	id = fmt.Appendf(id, "%016x", uint64(now.UnixNano()))
-	id = hex.AppendEncode(id, r[:])
-	return string(id)
+	var b [16]byte
+	binary.BigEndian.PutUint64(b[:8], uint64(now.UnixNano()))
+	rand.Read(b[8:])
+	var id [1 + 32]byte
+	id[0] = 'l'
+	hex.Encode(id[1:], b[:])
+	return string(id[:])
 }
 
 // lease grants a lease for req, waiting up to req.WaitMS for capacity in
@@ -51,51 +54,49 @@ func (p *pool) lease(ctx context.Context, req *api.LeaseRequest) (*api.Lease, *a
 		}
 	}()
 	for {
-		q := p.queues[req.Model]
-		head := w == nil && len(q) == 0 || w != nil && q[0] == w
-		var sel selection
-		if head {
-			sel = p.choose(now, req.Model, req.WorkloadType, tokens)
-			if sel.key != nil {
-				if w != nil {
-					p.dequeue(req.Model, w)
-				}
-				return p.grant(ctx, now, req, tokens, sel) // unlocks
+		sel := p.choose(now, req.Model, req.WorkloadType, tokens)
+		if sel.err != nil {
+			if w != nil {
+				p.dequeue(req.Model, w)
 			}
-			if sel.err != nil {
-				if w != nil {
-					p.dequeue(req.Model, w)
-				}
-				p.mu.Unlock()
-				return nil, sel.err
+			p.mu.Unlock()
+			return nil, sel.err
+		}
+		// FIFO: capacity goes to an earlier waiter that can use it now.
+		blocked := sel.key != nil && p.claimedAhead(now, req.Model, w, sel.bucket)
+		if sel.key != nil && !blocked {
+			if w != nil {
+				p.dequeue(req.Model, w)
 			}
+			return p.grant(ctx, now, req, tokens, sel) // unlocks
 		}
 		if !now.Before(deadline) {
 			if w != nil {
 				p.dequeue(req.Model, w)
 			}
-			if !head { // behind others: report what the head would see
-				sel = p.choose(now, req.Model, req.WorkloadType, tokens)
-			}
 			msg := fmt.Sprintf("no key can serve %s now", req.Model)
 			if wait > 0 {
 				msg = fmt.Sprintf("no key could serve %s within %v", req.Model, wait)
 			}
-			if len(sel.why) > 0 {
+			retryAt := sel.retryAt
+			if blocked {
+				msg += ": the free capacity goes to earlier requests waiting for the same keys"
+				retryAt = now.Add(time.Second)
+			} else if len(sel.why) > 0 {
 				msg += ": " + joinWhy(sel.why)
 			}
 			p.mu.Unlock()
-			return nil, noCapacity(msg, sel.retryAt, now)
+			return nil, noCapacity(msg, retryAt, now)
 		}
 		if w == nil {
-			w = &waiter{}
-			p.queues[req.Model] = append(q, w)
+			w = &waiter{req: req, tokens: tokens}
+			p.queues[req.Model] = append(p.queues[req.Model], w)
 		}
 		wake := deadline
-		if head && !sel.retryAt.IsZero() && sel.retryAt.Before(wake) {
+		if !sel.retryAt.IsZero() && sel.retryAt.Before(wake) {
 			wake = sel.retryAt
 		}
-		changed := p.changed
+		changed := p.watch()
 		p.mu.Unlock()
 		if timer == nil {
 			timer = time.NewTimer(wake.Sub(now))
@@ -119,6 +120,21 @@ func (p *pool) lease(ctx context.Context, req *api.LeaseRequest) (*api.Lease, *a
 			return nil, errShuttingDown
 		}
 	}
+}
+
+// claimedAhead reports whether a request waiting ahead of w (of every
+// waiter, when w is nil) for model would be granted on bucket b now.
+// Callers hold mu.
+func (p *pool) claimedAhead(now time.Time, model string, w *waiter, b *limiter.Bucket) bool {
+	for _, x := range p.queues[model] {
+		if x == w {
+			return false
+		}
+		if p.choose(now, model, x.req.WorkloadType, x.tokens).bucket == b {
+			return true
+		}
+	}
+	return false
 }
 
 func joinWhy(why []string) string {
@@ -174,18 +190,21 @@ func (p *pool) grant(ctx context.Context, now time.Time, req *api.LeaseRequest, 
 	p.retained = append(p.retained, ls)
 	p.openLease(ls)
 	sel.key.lastUsed = now
-	batch := &store.Batch{
-		Leases: []store.Lease{ls.rec},
-		Days:   []store.Day{{Project: k.Project, Model: req.Model, Day: day, Count: count}},
-		Usage: []store.UsageDelta{{Hour: hour(now), Project: k.Project, Model: req.Model, KeyID: k.ID,
+	g := &grantRecord{
+		lease: [1]store.Lease{ls.rec},
+		day:   [1]store.Day{{Project: k.Project, Model: req.Model, Day: day, Count: count}},
+		usage: [1]store.UsageDelta{{Hour: hour(now), Project: k.Project, Model: req.Model, KeyID: k.ID,
 			Requests: 1, PromptTokens: tokens}},
 	}
-	pending := p.st.Submit(batch)
+	g.batch = store.Batch{Leases: g.lease[:], Days: g.day[:], Usage: g.usage[:]}
+	pending := p.st.Submit(&g.batch)
 	lease := &api.Lease{LeaseID: id, KeyID: k.ID, Project: k.Project, Model: req.Model,
 		Secret: k.Secret, Tokens: tokens, ExpiresAt: ls.rec.ExpiresAt}
 	p.kick() // the queue's head changed
 	p.mu.Unlock()
-	if err := pending.Wait(context.WithoutCancel(ctx)); err != nil {
+	// The wait is not canceled with the request: the grant is recorded
+	// either way, and an answer that it failed must be true.
+	if err := pending.Wait(context.Background()); err != nil {
 		p.log.Error("store commit failed; lease withdrawn", "lease", id, "key", k.ID, "err", err)
 		p.mu.Lock()
 		b.Refund(p.now(), id, now)
@@ -195,8 +214,25 @@ func (p *pool) grant(ctx context.Context, now time.Time, req *api.LeaseRequest, 
 		p.mu.Unlock()
 		return nil, api.Errorf(http.StatusInternalServerError, api.CodeInternal, "recording the lease failed: %v", err)
 	}
-	p.log.Debug("lease granted", "lease", id, "key", k.ID, "model", req.Model, "tokens", tokens, "client", req.Client)
+	if p.log.Enabled(ctx, slog.LevelDebug) { // the arguments alone cost allocations
+		p.log.Debug("lease granted", "lease", id, "key", k.ID, "model", req.Model, "tokens", tokens, "client", req.Client)
+	}
 	return lease, nil
+}
+
+// grantRecord is the batch of a grant with its records, in one allocation.
+type grantRecord struct {
+	batch store.Batch
+	lease [1]store.Lease
+	day   [1]store.Day
+	usage [1]store.UsageDelta
+}
+
+// reportRecord is the batch of a report, with room for its usual records.
+type reportRecord struct {
+	batch store.Batch
+	lease [1]store.Lease
+	usage [1]store.UsageDelta
 }
 
 func hour(t time.Time) time.Time { return t.UTC().Truncate(time.Hour) }
@@ -218,7 +254,9 @@ func (p *pool) report(ctx context.Context, id string, rep *api.ReportRequest) (*
 		p.mu.Unlock()
 		return resp, nil
 	}
-	batch := &store.Batch{}
+	rr := &reportRecord{}
+	batch := &rr.batch
+	batch.Leases, batch.Usage = rr.lease[:0], rr.usage[:0]
 	usage := store.UsageDelta{Hour: hour(r.GrantedAt), Project: r.Project, Model: r.Model, KeyID: r.KeyID}
 	var class, action string
 	if rep.Outcome == api.OutcomeUnused {
@@ -259,11 +297,13 @@ func (p *pool) report(ctx context.Context, id string, rep *api.ReportRequest) (*
 	p.kick()
 	resp := &api.ReportResponse{LeaseID: id, KeyID: r.KeyID, Classification: class, Action: action}
 	p.mu.Unlock()
-	if err := pending.Wait(context.WithoutCancel(ctx)); err != nil {
+	if err := pending.Wait(context.Background()); err != nil { // not canceled with the request, as in grant
 		p.log.Error("store commit failed for a report", "lease", id, "err", err)
 		return nil, api.Errorf(http.StatusInternalServerError, api.CodeInternal, "recording the report failed: %v", err)
 	}
-	p.log.Debug("lease reported", "lease", id, "key", r.KeyID, "class", class, "action", action)
+	if p.log.Enabled(ctx, slog.LevelDebug) {
+		p.log.Debug("lease reported", "lease", id, "key", r.KeyID, "class", class, "action", action)
+	}
 	return resp, nil
 }
 
@@ -272,27 +312,25 @@ func (p *pool) report(ctx context.Context, id string, rep *api.ReportRequest) (*
 // did. Callers hold mu.
 func (p *pool) penalize(now time.Time, ls *leaseState, v gemini.Verdict, batch *store.Batch) string {
 	b, bid := ls.bucket, ls.bid
-	reason := v.Summary()
-	var action string
-	switch v.Class {
-	case api.ClassSuccess:
+	if v.Class == api.ClassSuccess { // the common case, with nothing to summarize
 		if b.Penalty(now).Streak > 0 {
 			b.Succeeded()
 			putBucket(batch, bid, b.Penalty(now))
 		}
 		return ""
+	}
+	reason := v.Summary()
+	var action string
+	switch v.Class {
 	case api.ClassRateMinute:
-		until := b.Cool(now, v.RetryDelay, reason)
-		action = fmt.Sprintf("bucket %s cooling for %v", bid, until.Sub(now).Round(time.Millisecond))
+		action = penaltyAction(bid, b.Cool(now, v.RetryDelay, reason), now, "cooling for %[1]v")
 	case api.ClassRateDay:
-		until := b.Exhaust(now, reason)
-		action = fmt.Sprintf("bucket %s exhausted until %s", bid, until.Format(time.RFC3339))
+		action = penaltyAction(bid, b.Exhaust(now, reason), now, "exhausted until %[2]s")
 	case api.ClassQuotaZero:
 		b.Disable(reason + ": the model is not available to this project's tier")
 		action = fmt.Sprintf("bucket %s disabled", bid)
 	case api.ClassCapacity:
-		until := b.Backoff(now, capacityBackoff, reason)
-		action = fmt.Sprintf("bucket %s backing off for %v (upstream capacity; key not blamed)", bid, until.Sub(now).Round(time.Millisecond))
+		action = penaltyAction(bid, b.Backoff(now, capacityBackoff, reason), now, "backing off for %[1]v (upstream capacity; key not blamed)")
 	case api.ClassBilling:
 		for obid, ob := range p.buckets {
 			if obid.Project == bid.Project {
@@ -322,6 +360,16 @@ func (p *pool) penalize(now time.Time, ls *leaseState, v gemini.Verdict, batch *
 	putBucket(batch, bid, pen)
 	p.log.Info("bucket "+pen.State.String(), "bucket", bid.String(), "until", pen.Until, "reason", reason)
 	return action
+}
+
+// penaltyAction says what a penalty did. until is the end of the bucket's
+// penalty, zero when it is disabled (which no 429 lifts or shortens);
+// format gets the time left (%[1]v) and the end (%[2]s).
+func penaltyAction(bid config.BucketID, until, now time.Time, format string) string {
+	if until.IsZero() {
+		return fmt.Sprintf("bucket %s stays disabled", bid)
+	}
+	return "bucket " + bid.String() + " " + fmt.Sprintf(format, until.Sub(now).Round(time.Millisecond), until.Format(time.RFC3339))
 }
 
 // putBucket adds the durable form of a bucket's penalty to batch: a record,

@@ -6,10 +6,12 @@ import (
 	"encoding/hex"
 	"fmt"
 	"log/slog"
+	"math"
 	"net/http"
 	"slices"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/keyd/keyd/api"
@@ -49,7 +51,12 @@ type pool struct {
 	retained []*leaseState
 	queues   map[string][]*waiter // FIFO of waiting lease requests per model
 	changed  chan struct{}        // closed and replaced when capacity may have freed
+	watched  bool                 // some waiter holds changed: kick must close it
 	closing  bool
+
+	// access is cfg.Access, readable without mu: every request checks
+	// it, and taking mu for it would double the lock traffic of a lease.
+	access atomic.Pointer[config.Access]
 }
 
 // keyState is one key: its configuration and what keyd learned about it.
@@ -71,7 +78,11 @@ type leaseState struct {
 	hidx   int  // index in pool.expiries, -1 when not there
 }
 
-type waiter struct{ id uint64 }
+// waiter is a lease request waiting in its model's queue.
+type waiter struct {
+	req    *api.LeaseRequest
+	tokens int64
+}
 
 // leaseHeap orders open leases by expiry.
 type leaseHeap []*leaseState
@@ -116,15 +127,30 @@ func secretHash(s string) string {
 }
 
 // kick wakes every waiter: capacity may have freed. Callers hold mu.
+// When no waiter took the current channel since the last kick, closing it
+// would wake nobody, so it is kept: a grant or report with nobody waiting
+// (the common case) then costs no channel.
 func (p *pool) kick() {
+	if !p.watched {
+		return
+	}
 	close(p.changed)
 	p.changed = make(chan struct{})
+	p.watched = false
+}
+
+// watch returns the channel that the next kick closes. Callers hold mu.
+func (p *pool) watch() <-chan struct{} {
+	p.watched = true
+	return p.changed
 }
 
 // apply installs cfg as the configuration in effect, keeping the state of
-// every key and bucket that still exists. Callers hold mu.
-func (p *pool) apply(cfg *config.Config, now time.Time) {
+// every key and bucket that still exists. Records it makes obsolete (a key
+// disabled upstream whose secret changed) are added to batch. Callers hold mu.
+func (p *pool) apply(cfg *config.Config, now time.Time, batch *store.Batch) {
 	p.cfg, p.loadedAt, p.lastErr = cfg, now, ""
+	p.access.Store(&cfg.Access)
 	seen := map[string]bool{}
 	p.order = p.order[:0]
 	p.byModel = map[string][]*keyState{}
@@ -135,9 +161,10 @@ func (p *pool) apply(cfg *config.Config, now time.Time) {
 			p.keys[k.ID] = ks
 		}
 		ks.key, ks.removed = k, false
-		if d := ks.disabled; d != nil && d.By == "upstream" && d.SecretHash != secretHash(k.Secret) && k.Secret != "" {
-			p.log.Info("key re-enabled: its secret changed", "key", k.ID, "was", d.Reason)
+		if secretChanged(ks.disabled, k) {
+			p.log.Info("key re-enabled: its secret changed", "key", k.ID, "was", ks.disabled.Reason)
 			ks.disabled = nil
+			batch.DeleteKeys = append(batch.DeleteKeys, k.ID)
 		}
 		seen[k.ID] = true
 		p.order = append(p.order, ks)
@@ -169,14 +196,27 @@ func (p *pool) apply(cfg *config.Config, now time.Time) {
 	p.kick()
 }
 
+// secretChanged reports whether d, an upstream verdict on key k, was about
+// another secret than the one k has now.
+func secretChanged(d *store.Key, k *config.Key) bool {
+	return d != nil && d.By == "upstream" && k.Secret != "" && d.SecretHash != secretHash(k.Secret)
+}
+
 // restore rebuilds the state saved in the store, after apply of the first
-// configuration. Callers hold mu.
-func (p *pool) restore(s *store.State, now time.Time) {
+// configuration; obsolete records are added to batch. Callers hold mu.
+func (p *pool) restore(s *store.State, now time.Time, batch *store.Batch) {
 	for _, k := range s.Keys {
-		if ks := p.keys[k.KeyID]; ks != nil {
-			kk := k
-			ks.disabled = &kk
+		ks := p.keys[k.KeyID]
+		if ks == nil {
+			continue
 		}
+		kk := k
+		if secretChanged(&kk, ks.key) {
+			p.log.Info("key re-enabled: its secret changed while keyd was stopped", "key", k.KeyID, "was", k.Reason)
+			batch.DeleteKeys = append(batch.DeleteKeys, k.KeyID)
+			continue
+		}
+		ks.disabled = &kk
 	}
 	for _, b := range s.Buckets {
 		bk := p.buckets[config.BucketID{Project: b.Project, Model: b.Model}]
@@ -202,6 +242,7 @@ func (p *pool) restore(s *store.State, now time.Time) {
 	for _, rec := range s.Leases {
 		bid := config.BucketID{Project: rec.Project, Model: rec.Model}
 		ls := &leaseState{rec: rec, bid: bid, bucket: p.buckets[bid], key: p.keys[rec.KeyID], hidx: -1}
+		p.adopt(ls)
 		p.leases[rec.ID] = ls
 		p.retained = append(p.retained, ls)
 		if rec.Classification == api.ClassUnused {
@@ -212,7 +253,7 @@ func (p *pool) restore(s *store.State, now time.Time) {
 			tokens = rec.PromptTokens
 		}
 		grants[bid] = append(grants[bid], limiter.Grant{ID: rec.ID, At: rec.GrantedAt, Tokens: tokens})
-		if !rec.Reported && now.Before(rec.ExpiresAt) && ls.key != nil {
+		if !rec.Reported && now.Before(rec.ExpiresAt) {
 			p.openLease(ls)
 		}
 	}
@@ -225,6 +266,21 @@ func (p *pool) restore(s *store.State, now time.Time) {
 		pen := b.Penalty(now)
 		b.Restore(now, grants[bid], today, n)
 		b.SetPenalty(pen)
+	}
+}
+
+// adopt gives a lease restored from the store a key and a bucket when its
+// own are gone from the configuration, so that it stays reportable: a
+// detached key that is never leased, and a detached bucket whose verdicts
+// concern nobody. Callers hold mu.
+func (p *pool) adopt(ls *leaseState) {
+	if ls.key == nil {
+		ls.key = &keyState{removed: true, open: map[*leaseState]struct{}{},
+			key: &config.Key{ID: ls.rec.KeyID, Project: ls.rec.Project}}
+		p.keys[ls.rec.KeyID] = ls.key
+	}
+	if ls.bucket == nil {
+		ls.bucket = limiter.New(limiter.Limits{RPM: math.MaxInt32, TPM: math.MaxInt64 / 2}, p.cfg.DayResetLocation)
 	}
 }
 
@@ -264,7 +320,7 @@ func (p *pool) expire(now time.Time) time.Time {
 	cut := 0
 	for cut < len(p.retained) {
 		ls := p.retained[cut]
-		if !now.After(ls.rec.ExpiresAt.Add(leaseGrace)) && !(ls.rec.Reported && now.Sub(ls.rec.GrantedAt) > limiter.Window+15*time.Minute) {
+		if !now.After(ls.rec.ExpiresAt.Add(leaseGrace)) {
 			break
 		}
 		if ls.open {
@@ -317,8 +373,10 @@ func (p *pool) choose(now time.Time, model, workload string, tokens int64) selec
 	if !ok {
 		return selection{err: unknownModel(model, p.cfg.Models())}
 	}
-	var best *candidate
-	decisions := map[config.BucketID]limiter.Decision{}
+	var best candidate // best.ks is nil until a candidate is found
+	// decisions holds each bucket's Check and, once needed, its remaining
+	// share: keys sharing a bucket share them.
+	decisions := map[config.BucketID]bucketCheck{}
 	fits, matches := false, false
 	for _, ks := range keys {
 		k := ks.key
@@ -342,11 +400,12 @@ func (p *pool) choose(now time.Time, model, workload string, tokens int64) selec
 		if tokens <= b.Limits().TPM {
 			fits = true
 		}
-		d, seen := decisions[bid]
+		bc, seen := decisions[bid]
 		if !seen {
-			d = b.Check(now, tokens)
-			decisions[bid] = d
+			bc = bucketCheck{d: b.Check(now, tokens)}
+			decisions[bid] = bc
 		}
+		d := bc.d
 		if !d.OK {
 			sel.why = append(sel.why, k.ID+": "+d.Reason)
 			if !d.Never {
@@ -361,13 +420,17 @@ func (p *pool) choose(now time.Time, model, workload string, tokens int64) selec
 			}
 			continue
 		}
-		c := candidate{ks: ks, bid: bid, b: b, remain: remaining(b, now)}
-		if best == nil || better(&c, best) {
-			best = &c
+		if !bc.counted {
+			bc.remain, bc.counted = remaining(b, now), true
+			decisions[bid] = bc
+		}
+		c := candidate{ks: ks, bid: bid, b: b, remain: bc.remain}
+		if best.ks == nil || better(&c, &best) {
+			best = c
 		}
 	}
 	switch {
-	case best != nil:
+	case best.ks != nil:
 		sel.key, sel.bid, sel.bucket = best.ks, best.bid, best.b
 	case !matches:
 		sel.err = api.Errorf(http.StatusServiceUnavailable, api.CodeNoKeys,
@@ -380,6 +443,13 @@ func (p *pool) choose(now time.Time, model, workload string, tokens int64) selec
 			"no key can serve %s: %s", model, strings.Join(sel.why, "; "))
 	}
 	return sel
+}
+
+// bucketCheck is what choose learned about one bucket.
+type bucketCheck struct {
+	d       limiter.Decision
+	remain  float64 // remaining(bucket), once counted
+	counted bool
 }
 
 // candidate is a key whose bucket can grant now.

@@ -9,6 +9,7 @@ import (
 	"net/http"
 	"os"
 	"path/filepath"
+	"regexp"
 	"strings"
 	"sync"
 	"testing"
@@ -68,7 +69,7 @@ func testPool(t *testing.T, st store.Store, keysJSON string) *pool {
 	t.Helper()
 	p := newPool(st, time.Now, slog.New(slog.NewTextHandler(io.Discard, nil)))
 	p.mu.Lock()
-	p.apply(testConfig(t, keysJSON), time.Now())
+	p.apply(testConfig(t, keysJSON), time.Now(), &store.Batch{})
 	p.mu.Unlock()
 	return p
 }
@@ -311,21 +312,22 @@ func TestReportsPenalizeTheRightThing(t *testing.T) {
 		stateA    string // of key a after the report
 		stateC    string
 		untilFrom func(now time.Time) time.Time
+		action    string // regexp
 	}{
 		{"tpm 429", 429, "429_classic_tpm.json", api.ClassRateMinute, api.StateCooling, api.StateReady,
-			func(now time.Time) time.Time { return now.Add(time.Minute) }}, // max(26s, window)
+			func(now time.Time) time.Time { return now.Add(time.Minute) }, `^bucket p/m cooling for 1m0s$`}, // max(26s, window)
 		{"rpd 429", 429, "429_rpd.json", api.ClassRateDay, api.StateExhausted, api.StateReady,
 			func(now time.Time) time.Time {
 				l := now.In(la)
 				return time.Date(l.Year(), l.Month(), l.Day()+1, 0, 0, 0, 0, la)
-			}},
-		{"quota 0", 429, "429_newer_limit0.json", api.ClassQuotaZero, api.StateDisabled, api.StateReady, nil},
+			}, `^bucket p/m exhausted until 20[0-9-]+T[0-9:]+(Z|[+-][0-9:]+)$`},
+		{"quota 0", 429, "429_newer_limit0.json", api.ClassQuotaZero, api.StateDisabled, api.StateReady, nil, `^bucket p/m disabled$`},
 		{"capacity", 429, "429_no_details_capacity.json", api.ClassCapacity, api.StateCooling, api.StateReady,
-			func(now time.Time) time.Time { return now.Add(capacityBackoff) }},
-		{"invalid key", 400, "400_api_key_invalid.json", api.ClassKeyInvalid, api.StateDisabled, api.StateReady, nil},
-		{"leaked key", 403, "403_leaked_key.json", api.ClassKeyDenied, api.StateDisabled, api.StateReady, nil},
-		{"server error", 503, "503_overloaded.json", api.ClassServerError, api.StateReady, api.StateReady, nil},
-		{"network", 0, "", api.ClassNetworkError, api.StateReady, api.StateReady, nil},
+			func(now time.Time) time.Time { return now.Add(capacityBackoff) }, `^bucket p/m backing off for 5s \(upstream capacity; key not blamed\)$`},
+		{"invalid key", 400, "400_api_key_invalid.json", api.ClassKeyInvalid, api.StateDisabled, api.StateReady, nil, `^key a disabled$`},
+		{"leaked key", 403, "403_leaked_key.json", api.ClassKeyDenied, api.StateDisabled, api.StateReady, nil, `^key a disabled$`},
+		{"server error", 503, "503_overloaded.json", api.ClassServerError, api.StateReady, api.StateReady, nil, `^$`},
+		{"network", 0, "", api.ClassNetworkError, api.StateReady, api.StateReady, nil, `^$`},
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
@@ -343,6 +345,9 @@ func TestReportsPenalizeTheRightThing(t *testing.T) {
 				r := mustReport(t, p, l.LeaseID, rep)
 				if r.Classification != tc.class {
 					t.Fatalf("classification %s, want %s (%s)", r.Classification, tc.class, r.Action)
+				}
+				if !regexp.MustCompile(tc.action).MatchString(r.Action) {
+					t.Fatalf("action %q does not match %q", r.Action, tc.action)
 				}
 				sa, reason := keyStateOf(p, "a")
 				if sa != tc.stateA {
@@ -523,7 +528,7 @@ func TestRestoreFromStore(t *testing.T) {
 			t.Fatal(err)
 		}
 		p.mu.Lock()
-		p.restore(s, now)
+		p.restore(s, now, &store.Batch{})
 		p.mu.Unlock()
 		return st, p
 	}
@@ -558,5 +563,87 @@ func TestRestoreFromStore(t *testing.T) {
 	}
 	if b := p.status("x").Buckets[0]; b.RPM.Used != 2 || b.RPD.Used != 2 {
 		t.Fatalf("after refund %+v", b)
+	}
+}
+
+func TestWaitersDoNotBlockRequestsTheyCannotServe(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		p := testPool(t, &memStore{}, `{"keys":[
+			{"key_id":"light","model_name":"m","rpm":1,"tpm":100000,"workload_type":"light"},
+			{"key_id":"heavy","model_name":"m","rpm":1,"tpm":100000,"workload_type":"heavy"}]}`)
+		mustLease(t, p, api.LeaseRequest{Model: "m", WorkloadType: "heavy"})
+		done := make(chan string)
+		go func() {
+			done <- mustLease(t, p, api.LeaseRequest{Model: "m", WorkloadType: "heavy", WaitMS: 120_000}).KeyID
+		}()
+		synctest.Wait() // the heavy request waits for the heavy key
+		// A light request is not stuck behind it: the waiter cannot use "light".
+		if k := mustLease(t, p, api.LeaseRequest{Model: "m", WorkloadType: "light"}).KeyID; k != "light" {
+			t.Fatalf("got %s", k)
+		}
+		time.Sleep(time.Minute)
+		if k := <-done; k != "heavy" {
+			t.Fatalf("waiter got %s", k)
+		}
+		// A newcomer may not take capacity that a waiter ahead of it can
+		// use: freeze a waiter in the queue as if it had not woken yet.
+		time.Sleep(time.Minute)
+		p.mu.Lock()
+		p.queues["m"] = []*waiter{{req: &api.LeaseRequest{Model: "m", WorkloadType: "heavy"}, tokens: 1}}
+		p.mu.Unlock()
+		e := leaseErr(t, p, api.LeaseRequest{Model: "m", WorkloadType: "heavy"})
+		if e.Code != api.CodeNoCapacity || !strings.Contains(e.Message, "earlier requests") {
+			t.Fatalf("newcomer: %s %s", e.Code, e.Message)
+		}
+		if k := mustLease(t, p, api.LeaseRequest{Model: "m", WorkloadType: "light"}).KeyID; k != "light" {
+			t.Fatalf("light newcomer got %s", k)
+		}
+	})
+}
+
+func TestDayFullShowsExhausted(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		p := testPool(t, &memStore{}, `{"keys":[{"key_id":"k","model_name":"m","rpm":10,"tpm":100000,"rpd":1}]}`)
+		mustLease(t, p, api.LeaseRequest{Model: "m"})
+		s := p.status("x")
+		if s.Keys[0].State != api.StateExhausted || s.Keys[0].Until == nil || s.Buckets[0].State != api.StateExhausted {
+			t.Fatalf("after rpd used up: key %+v bucket %+v", s.Keys[0], s.Buckets[0])
+		}
+	})
+}
+
+func TestRestoredLeaseOfARemovedKeyStaysReportable(t *testing.T) {
+	dir := t.TempDir()
+	open := func(cfgText string) (*store.DB, *pool) {
+		st, err := store.Open(dir, store.Options{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		p := testPool(t, st, cfgText)
+		s, err := st.Load(time.Now().Add(-2*time.Hour), restoreDays(p.cfg, time.Now()))
+		if err != nil {
+			t.Fatal(err)
+		}
+		p.mu.Lock()
+		p.restore(s, time.Now(), &store.Batch{})
+		p.mu.Unlock()
+		return st, p
+	}
+	st, p := open(`{"keys":[{"key_id":"a","model_name":"m","rpm":10,"tpm":100000},{"key_id":"b","project":"p","model_name":"m","rpm":10,"tpm":100000}]}`)
+	var ids []string
+	for range 4 {
+		ids = append(ids, mustLease(t, p, api.LeaseRequest{Model: "m"}).LeaseID)
+	}
+	st.Close()
+	// a removed, b moved to another project.
+	st, p = open(`{"keys":[{"key_id":"b","project":"q","model_name":"m","rpm":10,"tpm":100000}]}`)
+	defer st.Close()
+	reps := []api.ReportRequest{{Status: 200}, {Outcome: api.OutcomeUnused},
+		{Status: 400, Error: readBody(t, "400_api_key_invalid.json")}, {Status: 429, Error: readBody(t, "429_rpd.json")}}
+	for i, id := range ids {
+		mustReport(t, p, id, reps[i])
+	}
+	if s := p.status("x"); len(s.Keys) != 1 || s.Keys[0].State != api.StateReady || s.Keys[0].InFlight != 0 {
+		t.Fatalf("status after reports of old leases: %+v", s.Keys)
 	}
 }

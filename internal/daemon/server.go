@@ -1,6 +1,7 @@
 package daemon
 
 import (
+	"bytes"
 	"context"
 	"encoding/json"
 	"errors"
@@ -155,10 +156,7 @@ func (s *server) handler() http.Handler {
 	for _, rt := range routes {
 		mux.HandleFunc(rt.pattern, func(w http.ResponseWriter, r *http.Request) {
 			pr := peerFrom(r.Context())
-			s.pool.mu.Lock()
-			access := s.pool.cfg.Access
-			s.pool.mu.Unlock()
-			if got, why := permission(pr, access, s.self); got < rt.need {
+			if got, why := permission(pr, *s.pool.access.Load(), s.self); got < rt.need {
 				s.log.Warn("request denied", "uid", pr.uid, "pid", pr.pid, "path", r.URL.Path, "need", rt.need.String(), "why", why)
 				writeError(w, api.Errorf(http.StatusForbidden, api.CodeForbidden,
 					"uid %d may not %s (%s): %s needs %s permission; add the uid or one of its groups to access.%s in keys.json",
@@ -222,10 +220,70 @@ func writeJSON(w http.ResponseWriter, status int, v any) error {
 	return json.NewEncoder(w).Encode(v)
 }
 
+// writeFast writes v with appendJSON when it can encode it (see
+// fastjson.go), else as writeJSON does: the bytes are the same.
+func writeFast[T any](w http.ResponseWriter, v *T, appendJSON func([]byte, *T) ([]byte, bool)) error {
+	bp := bufPool.Get().(*[]byte)
+	defer bufPool.Put(bp)
+	b, ok := appendJSON((*bp)[:0], v)
+	if !ok {
+		return writeJSON(w, http.StatusOK, v)
+	}
+	w.Header()["Content-Type"] = jsonContentType
+	w.WriteHeader(http.StatusOK)
+	_, err := w.Write(b)
+	clear(b) // a lease holds a secret: the pool keeps none
+	if cap(b) <= 64<<10 {
+		*bp = b[:0]
+	}
+	return err
+}
+
+var jsonContentType = []string{"application/json"}
+
+// bufPool holds buffers for request and response bodies of the lease path.
+var bufPool = sync.Pool{New: func() any { b := make([]byte, 0, fastBody); return &b }}
+
+// fastBody is the largest request body the fast decoders see; a larger
+// one goes to encoding/json.
+const fastBody = 2048
+
+// decodeFast decodes r's body into v with parse when parse accepts it
+// (see fastjson.go), else as decode does, with the same outcome either way.
+func decodeFast[T any](r *http.Request, v *T, parse func([]byte, *T) bool) *api.Error {
+	bp := bufPool.Get().(*[]byte)
+	defer bufPool.Put(bp)
+	b := (*bp)[:0]
+	var err error
+	for len(b) < cap(b) && err == nil {
+		var n int
+		n, err = r.Body.Read(b[len(b):cap(b)])
+		b = b[:len(b)+n]
+	}
+	*bp = b
+	if err == io.EOF && parse(b, v) {
+		return nil
+	}
+	// Give encoding/json the same stream: what was read, then the rest of
+	// the body or the error that ended the read.
+	var rest io.Reader = r.Body
+	if err != nil {
+		rest = errReader{err}
+	}
+	var zero T
+	*v = zero
+	return decode(io.MultiReader(bytes.NewReader(b), rest), v)
+}
+
+// errReader returns its error, as the body did.
+type errReader struct{ err error }
+
+func (e errReader) Read([]byte) (int, error) { return 0, e.err }
+
 // decode reads a JSON body strictly: unknown fields and trailing data are
 // errors, as is an oversized body.
-func decode(r *http.Request, v any) *api.Error {
-	dec := json.NewDecoder(r.Body)
+func decode(body io.Reader, v any) *api.Error {
+	dec := json.NewDecoder(body)
 	dec.DisallowUnknownFields()
 	if err := dec.Decode(v); err != nil {
 		var tooBig *http.MaxBytesError
@@ -247,9 +305,13 @@ func decode(r *http.Request, v any) *api.Error {
 // decoder the API uses, exported for fuzzing.
 func decodeLeaseRequest(r *http.Request) (*api.LeaseRequest, *api.Error) {
 	var req api.LeaseRequest
-	if err := decode(r, &req); err != nil {
+	if err := decodeFast(r, &req, parseLeaseRequest); err != nil {
 		return nil, err
 	}
+	return validLeaseRequest(&req)
+}
+
+func validLeaseRequest(req *api.LeaseRequest) (*api.LeaseRequest, *api.Error) {
 	switch {
 	case req.Model == "":
 		return nil, api.Errorf(http.StatusBadRequest, api.CodeBadRequest, `"model" is required, e.g. {"model":"gemini-2.5-flash"}`)
@@ -258,14 +320,18 @@ func decodeLeaseRequest(r *http.Request) (*api.LeaseRequest, *api.Error) {
 	case req.WaitMS < 0 || time.Duration(req.WaitMS)*time.Millisecond > api.MaxWait:
 		return nil, api.Errorf(http.StatusBadRequest, api.CodeBadRequest, `"wait_ms" must be between 0 and %d, got %d`, api.MaxWait.Milliseconds(), req.WaitMS)
 	}
-	return &req, nil
+	return req, nil
 }
 
 func decodeReportRequest(r *http.Request) (*api.ReportRequest, *api.Error) {
 	var rep api.ReportRequest
-	if err := decode(r, &rep); err != nil {
+	if err := decodeFast(r, &rep, parseReportRequest); err != nil {
 		return nil, err
 	}
+	return validReportRequest(&rep)
+}
+
+func validReportRequest(rep *api.ReportRequest) (*api.ReportRequest, *api.Error) {
 	switch {
 	case rep.Outcome != "" && rep.Outcome != api.OutcomeUnused:
 		return nil, api.Errorf(http.StatusBadRequest, api.CodeBadRequest, `"outcome" must be "unused" or absent, got %q`, rep.Outcome)
@@ -274,7 +340,7 @@ func decodeReportRequest(r *http.Request) (*api.ReportRequest, *api.Error) {
 	case rep.Usage != nil && (rep.Usage.PromptTokens < 0 || rep.Usage.OutputTokens < 0 || rep.Usage.TotalTokens < 0):
 		return nil, api.Errorf(http.StatusBadRequest, api.CodeBadRequest, `"usage" token counts must be >= 0`)
 	}
-	return &rep, nil
+	return rep, nil
 }
 
 func (s *server) serveLease(w http.ResponseWriter, r *http.Request) error {
@@ -288,7 +354,7 @@ func (s *server) serveLease(w http.ResponseWriter, r *http.Request) error {
 		s.log.Debug("lease refused", "model", req.Model, "code", aerr.Code, "uid", pr.uid, "client", req.Client, "why", aerr.Message)
 		return aerr
 	}
-	return writeJSON(w, http.StatusOK, lease)
+	return writeFast(w, lease, appendLease)
 }
 
 func (s *server) serveReport(w http.ResponseWriter, r *http.Request) error {
@@ -300,7 +366,7 @@ func (s *server) serveReport(w http.ResponseWriter, r *http.Request) error {
 	if aerr != nil {
 		return aerr
 	}
-	return writeJSON(w, http.StatusOK, resp)
+	return writeFast(w, resp, appendReportResponse)
 }
 
 func (s *server) serveStatus(w http.ResponseWriter, r *http.Request) error {

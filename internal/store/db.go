@@ -137,8 +137,9 @@ type DB struct {
 	commits, txs, failed atomic.Uint64
 
 	// Owned by the writer goroutine, reused across transactions.
-	key []byte // scratch for building keys (bbolt copies keys)
-	buf []byte // values of the current transaction
+	key  []byte // scratch for building keys (bbolt copies keys)
+	buf  []byte // values of the current transaction
+	rows rows   // usage and day rows gathered over the current transaction
 }
 
 // request is one Commit waiting for the writer. done is buffered so the
@@ -286,7 +287,10 @@ func initSchema(bdb *bolt.DB, path string) error {
 // (group commit); batches are applied in the order they were enqueued, so
 // the Commits of one goroutine are applied in call order. Within one
 // Batch, puts are applied before deletes, in the order of the Batch's
-// fields (leases, buckets, keys, days, usage).
+// fields (leases, buckets, keys, days, usage). The day counts and usage
+// deltas of one transaction are merged per row (the last count wins, the
+// deltas add up) and written once each at its end, which stores what
+// writing them batch by batch would.
 //
 // If the transaction fails, every batch in it gets the error and none of
 // them is applied. A batch that cannot be stored (an empty ID, a NUL in a
@@ -472,7 +476,8 @@ func (db *DB) run() {
 func (db *DB) commitGroup(group []*request) error {
 	start := time.Now()
 	err := db.bolt.Update(func(tx *bolt.Tx) error {
-		w := writer{tx: tx, key: db.key, buf: db.buf[:0]}
+		w := writer{tx: tx, key: db.key, buf: db.buf[:0], rows: &db.rows}
+		w.rows.reset()
 		defer func() {
 			db.key = w.key
 			if cap(w.buf) <= maxKeptBuf {
@@ -486,7 +491,7 @@ func (db *DB) commitGroup(group []*request) error {
 				return err
 			}
 		}
-		return nil
+		return w.flush()
 	})
 	if d := time.Since(start); d > time.Second {
 		db.logf("store: a commit of %d batches took %v", len(group), d.Round(time.Millisecond))
@@ -511,8 +516,40 @@ type writer struct {
 	// to stay valid until it ends. Each value is a sub-slice; when append
 	// moves buf, earlier values keep the old array alive.
 	buf []byte
+	// rows gathers the day counts and usage deltas of all the batches,
+	// which flush writes once per row: a group of grants on one bucket
+	// puts its day row and adds to its usage row once, not once each.
+	rows *rows
 
 	leases, buckets, keys, days, usageBkt *bolt.Bucket
+}
+
+// rows are the day counts (last one wins) and usage deltas (summed) of
+// one transaction, by key, in first-seen order.
+type rows struct {
+	index map[string]int // 'd' or 'u', NUL, row key → position in days or usage
+	days  []dayRow
+	usage []usageRow
+}
+
+type dayRow struct {
+	key string
+	d   Day
+}
+
+type usageRow struct {
+	key string
+	c   counters
+}
+
+func (r *rows) reset() {
+	if r.index == nil {
+		r.index = map[string]int{}
+	}
+	clear(r.index)
+	clear(r.days)
+	clear(r.usage)
+	r.days, r.usage = r.days[:0], r.usage[:0]
 }
 
 // put stores buf[start:] under w.key.
@@ -591,28 +628,61 @@ func (w *writer) apply(b *Batch) error {
 			}
 		}
 	}
-	if len(b.Days) > 0 {
+	for i := range b.Days {
+		x := &b.Days[i]
+		w.key = append(w.key[:0], 'd', 0)
+		w.key = appendNames(w.key, x.Project, x.Model, x.Day)
+		if j, ok := w.rows.index[string(w.key)]; ok {
+			w.rows.days[j].d = *x
+		} else {
+			k := string(w.key)
+			w.rows.index[k] = len(w.rows.days)
+			w.rows.days = append(w.rows.days, dayRow{key: k[2:], d: *x})
+		}
+	}
+	for i := range b.Usage {
+		d := &b.Usage[i]
+		w.key = append(w.key[:0], 'u', 0)
+		w.key = appendHour(w.key, d.Hour)
+		w.key = appendNames(w.key, d.Project, d.Model, d.KeyID)
+		j, ok := w.rows.index[string(w.key)]
+		if !ok {
+			k := string(w.key)
+			j = len(w.rows.usage)
+			w.rows.index[k] = j
+			w.rows.usage = append(w.rows.usage, usageRow{key: k[2:]})
+		}
+		w.rows.usage[j].c.add(&counters{Requests: d.Requests, PromptTokens: d.PromptTokens,
+			OutputTokens: d.OutputTokens, RateMinute: d.RateMinute, RateDay: d.RateDay,
+			Other429: d.Other429, Errors: d.Errors, Unused: d.Unused})
+	}
+	return nil
+}
+
+// flush writes the day and usage rows gathered by apply.
+func (w *writer) flush() error {
+	if len(w.rows.days) > 0 {
 		bk, err := w.bucket(&w.days, bucketDays)
 		if err != nil {
 			return err
 		}
-		for i := range b.Days {
-			x := &b.Days[i]
-			w.key = appendNames(w.key[:0], x.Project, x.Model, x.Day)
+		for i := range w.rows.days {
+			x := &w.rows.days[i]
+			w.key = append(w.key[:0], x.key...)
 			start := len(w.buf)
-			w.buf = appendDay(w.buf, x)
+			w.buf = appendDay(w.buf, &x.d)
 			if err := w.put(bk, start); err != nil {
 				return err
 			}
 		}
 	}
-	if len(b.Usage) > 0 {
+	if len(w.rows.usage) > 0 {
 		bk, err := w.bucket(&w.usageBkt, bucketUsage)
 		if err != nil {
 			return err
 		}
-		for i := range b.Usage {
-			if err := w.addUsage(bk, &b.Usage[i]); err != nil {
+		for i := range w.rows.usage {
+			if err := w.addUsage(bk, &w.rows.usage[i]); err != nil {
 				return err
 			}
 		}
@@ -642,15 +712,8 @@ type counters struct {
 	Unused       int64 `json:"unused,omitempty"`
 }
 
-func (w *writer) addUsage(bk *bolt.Bucket, d *UsageDelta) error {
-	w.key = appendHour(w.key[:0], d.Hour)
-	w.key = appendNames(w.key, d.Project, d.Model, d.KeyID)
-	var c counters
-	if old := bk.Get(w.key); old != nil {
-		if err := json.Unmarshal(old, &c); err != nil {
-			return fmt.Errorf("usage row %q: %w", w.key, err)
-		}
-	}
+// add adds d to c.
+func (c *counters) add(d *counters) {
 	c.Requests += d.Requests
 	c.PromptTokens += d.PromptTokens
 	c.OutputTokens += d.OutputTokens
@@ -659,6 +722,18 @@ func (w *writer) addUsage(bk *bolt.Bucket, d *UsageDelta) error {
 	c.Other429 += d.Other429
 	c.Errors += d.Errors
 	c.Unused += d.Unused
+}
+
+// addUsage adds the deltas summed in u to the stored row.
+func (w *writer) addUsage(bk *bolt.Bucket, u *usageRow) error {
+	w.key = append(w.key[:0], u.key...)
+	var c counters
+	if old := bk.Get(w.key); old != nil {
+		if err := json.Unmarshal(old, &c); err != nil {
+			return fmt.Errorf("usage row %q: %w", w.key, err)
+		}
+	}
+	c.add(&u.c)
 	start := len(w.buf)
 	w.buf = appendCounters(w.buf, &c)
 	return w.put(bk, start)

@@ -1,0 +1,215 @@
+package daemon
+
+import (
+	"context"
+	"fmt"
+	"log/slog"
+	"path/filepath"
+	"slices"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"testing"
+	"time"
+
+	bolt "go.etcd.io/bbolt"
+
+	"github.com/keyd/keyd/api"
+	"github.com/keyd/keyd/client"
+	"github.com/keyd/keyd/internal/store"
+)
+
+// benchKeys are four keys in two projects with limits no benchmark can
+// reach, so that every lease is granted at once.
+const benchKeys = `{"default_tokens":1000,"keys":[
+	{"key_id":"k1","project":"p1","model_name":"m","rpm":1000000000,"tpm":1000000000000},
+	{"key_id":"k2","project":"p1","model_name":"m","rpm":1000000000,"tpm":1000000000000},
+	{"key_id":"a","project":"p2","model_name":"m","rpm":1000000000,"tpm":1000000000000},
+	{"key_id":"b","project":"p2","model_name":"m","rpm":1000000000,"tpm":1000000000000}]}`
+
+// benchClients are the client counts of the issue's table.
+var benchClients = []int{1, 8, 64}
+
+// BenchmarkLeaseReport measures lease+report pairs over the real Unix
+// socket, through the public client, against keyd started by Run with its
+// durable bbolt store: each of N clients loops Lease then Report (status
+// 200 with usage), each answered only once its record is fsynced. One op
+// is one pair; ns/op is the inverse of pairs/s. Metrics:
+//
+//	pairs/s          pairs completed per second, all clients together
+//	p50-ms, p99-ms   latency of a pair (lease then report) as a client sees it
+//	lease-p50-ms     latency of the lease alone, and its p99; at clients=1,
+//	lease-p99-ms     the lone-lease latency
+//	report-p50-ms    latency of the report alone
+//	records/tx       records (grants and reports) per bbolt transaction,
+//	                 i.e. per pair of fsyncs, from the file's last txid
+//	cpu-us/pair      user+system CPU of the whole process (clients, HTTP,
+//	                 keyd and the store) per pair
+//
+// Each sub-benchmark run starts a fresh keyd on an empty store. The
+// daemon logs at info, keyd's default. Use -benchtime=3s or more and
+// -count: the numbers move with other load on the machine.
+func BenchmarkLeaseReport(b *testing.B) {
+	for _, n := range benchClients {
+		b.Run(fmt.Sprintf("clients=%d", n), func(b *testing.B) {
+			d := startDaemonLevel(b, benchKeys, slog.LevelInfo)
+			c := client.New(d.socket)
+			defer c.CloseIdleConnections()
+			ctx := context.Background()
+			rep := api.ReportRequest{Status: 200, Usage: &api.Usage{PromptTokens: 900, OutputTokens: 100}}
+			pair := func() (lease, report time.Duration, err error) {
+				t0 := time.Now()
+				l, err := c.Lease(ctx, api.LeaseRequest{Model: "m", Tokens: 1000, Client: "bench"})
+				if err != nil {
+					return 0, 0, err
+				}
+				t1 := time.Now()
+				if _, err := c.Report(ctx, l.LeaseID, rep); err != nil {
+					return 0, 0, err
+				}
+				return t1.Sub(t0), time.Since(t1), nil
+			}
+			r := runClients(b, n, pair)
+			r.report(b)
+			// Stopping keyd closes the store, whose last transaction ID
+			// counts the transactions (fsyncs) that carried the records.
+			if err := d.stop(); err != nil {
+				b.Fatal(err)
+			}
+			if txs := transactions(b, filepath.Join(d.dir, "state", store.FileName)); txs > 0 {
+				b.ReportMetric(float64(2*(b.N+n))/float64(txs), "records/tx")
+			}
+		})
+	}
+}
+
+// BenchmarkHealth is the floor under the numbers above: GET /v1/health
+// over the same socket and client, which takes the pool lock but writes
+// nothing to the store.
+func BenchmarkHealth(b *testing.B) {
+	for _, n := range benchClients {
+		b.Run(fmt.Sprintf("clients=%d", n), func(b *testing.B) {
+			d := startDaemonLevel(b, benchKeys, slog.LevelInfo)
+			c := client.New(d.socket)
+			defer c.CloseIdleConnections()
+			ctx := context.Background()
+			r := runClients(b, n, func() (time.Duration, time.Duration, error) {
+				t0 := time.Now()
+				_, err := c.Health(ctx)
+				return time.Since(t0), 0, err
+			})
+			b.ReportMetric(float64(b.N)/r.elapsed.Seconds(), "req/s")
+			b.ReportMetric(float64(r.cpu.Microseconds())/float64(b.N), "cpu-us/req")
+			b.ReportMetric(ms(pct(r.first, 50)), "p50-ms")
+			b.ReportMetric(ms(pct(r.first, 99)), "p99-ms")
+		})
+	}
+}
+
+// clientRun holds the latencies of one run of runClients.
+type clientRun struct {
+	elapsed              time.Duration
+	cpu                  time.Duration   // user+system CPU of the process (clients and keyd)
+	first, second, total []time.Duration // sorted
+}
+
+// runClients runs op b.N times in all, from n goroutines, and collects
+// the two latencies each op returns. Every goroutine does one op before
+// the timer starts, so that its connection is open.
+func runClients(b *testing.B, n int, op func() (time.Duration, time.Duration, error)) *clientRun {
+	var wg sync.WaitGroup
+	for range n {
+		wg.Go(func() {
+			if _, _, err := op(); err != nil {
+				b.Error(err)
+			}
+		})
+	}
+	wg.Wait()
+	if b.Failed() {
+		b.FailNow()
+	}
+	type lat struct{ first, second []time.Duration }
+	lats := make([]lat, n)
+	var next atomic.Int64
+	b.ReportAllocs()
+	b.ResetTimer()
+	cpu0 := cpuTime()
+	start := time.Now()
+	for i := range n {
+		wg.Go(func() {
+			l := &lats[i]
+			l.first = make([]time.Duration, 0, b.N/n+1)
+			l.second = make([]time.Duration, 0, b.N/n+1)
+			for next.Add(1) <= int64(b.N) {
+				x, y, err := op()
+				if err != nil {
+					b.Error(err)
+					return
+				}
+				l.first, l.second = append(l.first, x), append(l.second, y)
+			}
+		})
+	}
+	wg.Wait()
+	r := &clientRun{elapsed: time.Since(start), cpu: cpuTime() - cpu0}
+	b.StopTimer()
+	for _, l := range lats {
+		r.first = append(r.first, l.first...)
+		r.second = append(r.second, l.second...)
+		for j := range l.first {
+			r.total = append(r.total, l.first[j]+l.second[j])
+		}
+	}
+	slices.Sort(r.first)
+	slices.Sort(r.second)
+	slices.Sort(r.total)
+	return r
+}
+
+// report reports a lease+report run's metrics.
+func (r *clientRun) report(b *testing.B) {
+	b.ReportMetric(float64(len(r.total))/r.elapsed.Seconds(), "pairs/s")
+	b.ReportMetric(ms(pct(r.total, 50)), "p50-ms")
+	b.ReportMetric(ms(pct(r.total, 99)), "p99-ms")
+	b.ReportMetric(ms(pct(r.first, 50)), "lease-p50-ms")
+	b.ReportMetric(ms(pct(r.first, 99)), "lease-p99-ms")
+	b.ReportMetric(ms(pct(r.second, 50)), "report-p50-ms")
+	b.ReportMetric(float64(r.cpu.Microseconds())/float64(len(r.total)), "cpu-us/pair")
+}
+
+// transactions returns the ID of the last transaction committed to the
+// bbolt file at path: the number of write transactions since it was made.
+func transactions(b *testing.B, path string) int {
+	db, err := bolt.Open(path, 0o600, &bolt.Options{ReadOnly: true, Timeout: time.Second})
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer db.Close()
+	tx, err := db.Begin(false)
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer tx.Rollback()
+	return tx.ID()
+}
+
+// cpuTime returns the user+system CPU time the process has used.
+func cpuTime() time.Duration {
+	var ru syscall.Rusage
+	if err := syscall.Getrusage(syscall.RUSAGE_SELF, &ru); err != nil {
+		return 0
+	}
+	return time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
+}
+
+// pct returns the p-th percentile of sorted (nearest rank).
+func pct(sorted []time.Duration, p float64) time.Duration {
+	if len(sorted) == 0 {
+		return 0
+	}
+	i := int(float64(len(sorted))*p/100+0.5) - 1
+	return sorted[min(max(i, 0), len(sorted)-1)]
+}
+
+func ms(d time.Duration) float64 { return float64(d) / float64(time.Millisecond) }
