@@ -24,10 +24,10 @@ lint:
 	$(GO) vet ./...
 
 fuzz:
-	$(GO) test -run='^$$' -fuzz='^FuzzParse$$' -fuzztime=$(FUZZTIME) ./internal/config/
-	$(GO) test -run='^$$' -fuzz='^FuzzClassifyBytes$$' -fuzztime=$(FUZZTIME) ./internal/gemini/
-	$(GO) test -run='^$$' -fuzz='^FuzzDecodeLeaseRequest$$' -fuzztime=$(FUZZTIME) ./internal/daemon/
-	$(GO) test -run='^$$' -fuzz='^FuzzDecodeReportRequest$$' -fuzztime=$(FUZZTIME) ./internal/daemon/
+	$(GO) test -run='^$$' -fuzz='^FuzzParse$$' -fuzztime=$(FUZZTIME) -fuzzminimizetime=5x ./internal/config/
+	$(GO) test -run='^$$' -fuzz='^FuzzClassifyBytes$$' -fuzztime=$(FUZZTIME) -fuzzminimizetime=5x ./internal/gemini/
+	$(GO) test -run='^$$' -fuzz='^FuzzDecodeLeaseRequest$$' -fuzztime=$(FUZZTIME) -fuzzminimizetime=5x ./internal/daemon/
+	$(GO) test -run='^$$' -fuzz='^FuzzDecodeReportRequest$$' -fuzztime=$(FUZZTIME) -fuzzminimizetime=5x ./internal/daemon/
 
 # Every benchmark: lease+report round trips over the real socket with the
 # durable store (bench-lease), then the store's and the limiter's own.
