@@ -204,9 +204,12 @@ func Run(ctx context.Context, o Options) error {
 	if sock == "" {
 		sock = api.DefaultSocketPath()
 	}
-	ln, err := listen(sock, gid)
+	ln, activated, err := openListener(sock, gid)
 	if err != nil {
 		return err
+	}
+	if activated {
+		sock = ln.Addr().String()
 	}
 	notify := func(state string) {
 		if err := sdnotify.Send(state); err != nil {
@@ -313,6 +316,32 @@ func Run(ctx context.Context, o Options) error {
 	}
 	log.Info("keyd stopped")
 	return nil
+}
+
+// openListener returns the socket systemd passed (socket activation), or
+// opens sock itself. An activated socket belongs to systemd: keyd never
+// unlinks it, so that it survives keyd's restarts.
+func openListener(sock string, gid int) (ln net.Listener, activated bool, err error) {
+	lns, err := sdnotify.Listeners()
+	if err != nil {
+		return nil, false, err
+	}
+	switch len(lns) {
+	case 0:
+		ln, err := listen(sock, gid)
+		return ln, false, err
+	case 1:
+		if ul, ok := lns[0].(*net.UnixListener); ok {
+			ul.SetUnlinkOnClose(false)
+			return ul, true, nil
+		}
+		lns[0].Close()
+		return nil, false, fmt.Errorf("socket activation passed a %s socket: keyd serves a Unix stream socket (ListenStream=/run/keyd/keyd.sock)", lns[0].Addr().Network())
+	}
+	for _, l := range lns {
+		l.Close()
+	}
+	return nil, false, fmt.Errorf("socket activation passed %d sockets: keyd takes exactly one", len(lns))
 }
 
 // restoreDays lists the days whose counts a restart needs: today and

@@ -53,3 +53,36 @@ func WatchdogInterval() time.Duration {
 	}
 	return time.Duration(usec) * time.Microsecond / 2
 }
+
+// Listeners returns the sockets systemd passed by socket activation
+// (sd_listen_fds(3)): LISTEN_FDS descriptors from fd 3 on, when
+// LISTEN_PID is this process. It unsets the variables so that children do
+// not inherit them. Without activation it returns nil.
+func Listeners() ([]net.Listener, error) {
+	defer func() {
+		os.Unsetenv("LISTEN_PID")
+		os.Unsetenv("LISTEN_FDS")
+		os.Unsetenv("LISTEN_FDNAMES")
+	}()
+	if os.Getenv("LISTEN_PID") != strconv.Itoa(os.Getpid()) {
+		return nil, nil
+	}
+	n, err := strconv.Atoi(os.Getenv("LISTEN_FDS"))
+	if err != nil || n <= 0 {
+		return nil, nil
+	}
+	var lns []net.Listener
+	for fd := 3; fd < 3+n; fd++ {
+		f := os.NewFile(uintptr(fd), "LISTEN_FD_"+strconv.Itoa(fd))
+		ln, err := net.FileListener(f)
+		f.Close() // FileListener dups it
+		if err != nil {
+			for _, l := range lns {
+				l.Close()
+			}
+			return nil, fmt.Errorf("socket activation: fd %d: %w", fd, err)
+		}
+		lns = append(lns, ln)
+	}
+	return lns, nil
+}
