@@ -33,9 +33,22 @@ func newLeaseID(now time.Time) string {
 
 // lease grants a lease for req, waiting up to req.WaitMS for capacity in
 // FIFO order per model. The grant is durable before lease returns.
-func (p *pool) lease(ctx context.Context, req *api.LeaseRequest) (*api.Lease, *api.Error) {
+func (p *pool) lease(ctx context.Context, req *api.LeaseRequest) (_ *api.Lease, aerr *api.Error) {
 	p.mu.Lock()
 	now := p.now()
+	start := now
+	mc := p.modelCounters(req.Model)
+	var w *waiter
+	var timer *time.Timer
+	defer func() {
+		if timer != nil {
+			timer.Stop()
+		}
+		mc.leaseDone(aerr)
+		if w != nil { // it waited
+			p.m.leaseWait.observe(p.now().Sub(start))
+		}
+	}()
 	if p.closing {
 		p.mu.Unlock()
 		return nil, errShuttingDown
@@ -46,13 +59,6 @@ func (p *pool) lease(ctx context.Context, req *api.LeaseRequest) (*api.Lease, *a
 	}
 	wait := time.Duration(req.WaitMS) * time.Millisecond
 	deadline := now.Add(wait)
-	var w *waiter
-	var timer *time.Timer
-	defer func() {
-		if timer != nil {
-			timer.Stop()
-		}
-	}()
 	for {
 		sel := p.choose(now, req.Model, req.WorkloadType, tokens)
 		if sel.err != nil {
@@ -179,6 +185,11 @@ func (p *pool) grant(ctx context.Context, now time.Time, req *api.LeaseRequest, 
 	b := sel.bucket
 	b.Grant(now, id, tokens)
 	day, count := b.Day(now)
+	var dayEnd time.Time // set when this grant used up the day's rpd
+	rpd := b.Limits().RPD
+	if count == rpd && rpd > 0 {
+		_, dayEnd = b.DayFull(now)
+	}
 	ls := &leaseState{
 		rec: store.Lease{
 			ID: id, KeyID: k.ID, Project: k.Project, Model: req.Model, Client: req.Client,
@@ -216,6 +227,9 @@ func (p *pool) grant(ctx context.Context, now time.Time, req *api.LeaseRequest, 
 	}
 	if p.log.Enabled(ctx, slog.LevelDebug) { // the arguments alone cost allocations
 		p.log.Debug("lease granted", "lease", id, "key", k.ID, "model", req.Model, "tokens", tokens, "client", req.Client)
+	}
+	if !dayEnd.IsZero() {
+		p.log.Info("bucket exhausted", "bucket", sel.bid.String(), "until", dayEnd, "reason", fmt.Sprintf("rpd %d/%d used until the day resets", count, rpd))
 	}
 	return lease, nil
 }
@@ -290,6 +304,7 @@ func (p *pool) report(ctx context.Context, id string, rep *api.ReportRequest) (*
 		}
 	}
 	r.Reported, r.ReportedAt, r.Classification, r.Action = true, now, class, action
+	p.m.reported(class)
 	p.closeLease(ls)
 	batch.Leases = append(batch.Leases, *r)
 	batch.Usage = append(batch.Usage, usage)
@@ -320,10 +335,11 @@ func (p *pool) penalize(now time.Time, ls *leaseState, v gemini.Verdict, batch *
 		return ""
 	}
 	reason := v.Summary()
+	before := b.Penalty(now)
 	var action string
 	switch v.Class {
 	case api.ClassRateMinute:
-		action = penaltyAction(bid, b.Cool(now, v.RetryDelay, reason), now, "cooling for %[1]v")
+		action = penaltyAction(bid, b.CoolAfter(now, ls.rec.GrantedAt, v.RetryDelay, reason), now, "cooling for %[1]v")
 	case api.ClassRateDay:
 		action = penaltyAction(bid, b.Exhaust(now, reason), now, "exhausted until %[2]s")
 	case api.ClassQuotaZero:
@@ -332,8 +348,10 @@ func (p *pool) penalize(now time.Time, ls *leaseState, v gemini.Verdict, batch *
 	case api.ClassCapacity:
 		action = penaltyAction(bid, b.Backoff(now, capacityBackoff, reason), now, "backing off for %[1]v (upstream capacity; key not blamed)")
 	case api.ClassBilling:
+		changed := false
 		for obid, ob := range p.buckets {
 			if obid.Project == bid.Project {
+				changed = changed || ob.Penalty(now).State != limiter.Disabled
 				ob.Disable(reason)
 				putBucket(batch, obid, ob.Penalty(now))
 			}
@@ -343,7 +361,9 @@ func (p *pool) penalize(now time.Time, ls *leaseState, v gemini.Verdict, batch *
 			putBucket(batch, bid, b.Penalty(now))
 		}
 		action = fmt.Sprintf("every bucket of project %s disabled (billing)", bid.Project)
-		p.log.Info("project disabled", "project", bid.Project, "reason", reason)
+		if changed {
+			p.log.Info("project disabled", "project", bid.Project, "reason", reason)
+		}
 		return action
 	case api.ClassKeyInvalid, api.ClassKeyDenied:
 		ks := ls.key
@@ -358,7 +378,14 @@ func (p *pool) penalize(now time.Time, ls *leaseState, v gemini.Verdict, batch *
 	}
 	pen := b.Penalty(now)
 	putBucket(batch, bid, pen)
-	p.log.Info("bucket "+pen.State.String(), "bucket", bid.String(), "until", pen.Until, "reason", reason)
+	switch {
+	case pen.State == before.State && pen.Until.Equal(before.Until):
+		// no change, as for a 429 on a bucket already disabled
+	case pen.Until.IsZero():
+		p.log.Info("bucket "+pen.State.String(), "bucket", bid.String(), "reason", pen.Reason)
+	default:
+		p.log.Info("bucket "+pen.State.String(), "bucket", bid.String(), "until", pen.Until, "reason", reason)
+	}
 	return action
 }
 

@@ -94,6 +94,9 @@ type Bucket struct {
 	dayEnd  time.Time // start of the day after day; zero if unknown
 	dayCnt  int64
 	pacer   *rate.Limiter // nil without BurstCapacity
+	// coolStart is when the current per-minute cooldown began (zero after
+	// a restart: then every 429 counts).
+	coolStart time.Time
 	penalty Penalty
 }
 
@@ -374,7 +377,23 @@ func (b *Bucket) Cool(now time.Time, retry time.Duration, reason string) time.Ti
 	}
 	d = min(d, MaxCooldown)
 	b.penalty.Streak = streak + 1
-	return b.impose(Cooling, now.Add(d), reason)
+	until := b.impose(Cooling, now.Add(d), reason)
+	if until.Equal(now.Add(d)) {
+		b.coolStart = now
+	}
+	return until
+}
+
+// CoolAfter is Cool for a 429 on a request granted at grantedAt. A 429 on
+// a request granted before the current cooldown began is from the burst
+// that caused it: it does not escalate the cooldown again, so a burst of
+// N refused requests costs one cooldown, not 2^N of them.
+func (b *Bucket) CoolAfter(now, grantedAt time.Time, retry time.Duration, reason string) time.Time {
+	b.advance(now)
+	if b.penalty.State == Cooling && grantedAt.Before(b.coolStart) {
+		return b.penalty.Until
+	}
+	return b.Cool(now, retry, reason)
 }
 
 // impose stops the bucket until `until`, unless it is disabled or

@@ -799,3 +799,26 @@ func TestSaturation(t *testing.T) {
 		}
 	})
 }
+
+func TestCoolAfterOneBurstIsOneCooldown(t *testing.T) {
+	b := limiter.New(limiter.Limits{RPM: 100, TPM: 1e6}, la)
+	for i := range 10 {
+		b.Grant(t0, string(rune('a'+i)), 1)
+	}
+	first := b.CoolAfter(t0.Add(sec), t0, 0, "429")
+	// Nine more 429s from the same burst (granted before the cooldown).
+	for range 9 {
+		if got := b.CoolAfter(t0.Add(2*sec), t0, 0, "429"); !got.Equal(first) {
+			t.Fatalf("a 429 from the same burst moved the cooldown from %v to %v", first, got)
+		}
+	}
+	if p := b.Penalty(t0.Add(2 * sec)); p.Streak != 1 {
+		t.Fatalf("streak %d after one burst, want 1", p.Streak)
+	}
+	// A request granted after the cooldown and refused again escalates.
+	after := first.Add(sec)
+	b.Grant(after, "late", 1)
+	if got := b.CoolAfter(after.Add(sec), after, 0, "429"); !got.After(first.Add(limiter.Window)) {
+		t.Fatalf("a 429 after the cooldown did not escalate: %v", got)
+	}
+}
