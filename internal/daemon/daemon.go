@@ -46,7 +46,11 @@ type Options struct {
 	SocketGroup string
 	StateDir    string
 	LogLevel    slog.Level
+	LogFormat   string    // "text" (default) or "json"
 	Log         io.Writer // default os.Stderr
+	// MetricsListen, when set, is a loopback host:port where keyd also
+	// serves GET /metrics over TCP (the socket always serves it).
+	MetricsListen string
 	// Ready, when set, is called once the socket listens.
 	Ready func()
 }
@@ -80,6 +84,8 @@ func parseFlags(args []string, stdout, stderr io.Writer) (Options, error) {
 	fs.StringVar(&o.SocketGroup, "socket-group", "", "group (name or gid) that owns the socket, mode 0660 (default: keyd's own group)")
 	fs.StringVar(&o.StateDir, "state-dir", "", "directory of the durable store keyd.db (default $STATE_DIRECTORY,\nelse $XDG_STATE_HOME/keyd, else ~/.local/state/keyd)")
 	fs.StringVar(&level, "log-level", "info", "log level: debug, info, warn or error")
+	fs.StringVar(&o.LogFormat, "log-format", "text", "log format: text (logfmt, for terminals and journald) or json (one object a line)")
+	fs.StringVar(&o.MetricsListen, "metrics-listen", "", "also serve Prometheus metrics (GET /metrics) at this loopback `HOST:PORT`,\ne.g. 127.0.0.1:9464; the socket serves them in any case")
 	fs.Usage = func() {
 		fmt.Fprintf(stderr, `keyd owns a pool of Gemini API keys and hands out short-lived key leases
 over a Unix socket, keeping every (project, model) bucket within its limits.
@@ -106,7 +112,38 @@ Talk to keyd with keyctl: keyctl status, keyctl lease --model M.
 		fmt.Fprintf(stderr, "keyd: --log-level %q: use debug, info, warn or error\n", level)
 		return o, err
 	}
+	if err := checkLogFormat(o.LogFormat); err != nil {
+		fmt.Fprintf(stderr, "keyd: %v\n", err)
+		return o, err
+	}
+	if o.MetricsListen != "" {
+		if _, err := checkMetricsListen(o.MetricsListen); err != nil {
+			fmt.Fprintf(stderr, "keyd: %v\n", err)
+			return o, err
+		}
+	}
 	return o, nil
+}
+
+func checkLogFormat(f string) error {
+	switch f {
+	case "", "text", "json":
+		return nil
+	}
+	return fmt.Errorf("--log-format %q: use text or json", f)
+}
+
+// newLogger returns keyd's logger: logfmt text, or JSON objects, one a
+// line. Neither ever carries a secret: keyd logs key IDs, never keys.
+func newLogger(w io.Writer, format string, level slog.Level) (*slog.Logger, error) {
+	if err := checkLogFormat(format); err != nil {
+		return nil, err
+	}
+	opts := &slog.HandlerOptions{Level: level}
+	if format == "json" {
+		return slog.New(slog.NewJSONHandler(w, opts)), nil
+	}
+	return slog.New(slog.NewTextHandler(w, opts)), nil
 }
 
 // ConfigPath resolves the keys.json path: flag, $KEYD_CONFIG, ./keys.json.
@@ -157,11 +194,24 @@ func lookupGroup(name string) (int, error) {
 // restore, socket, serve; shutdown: refuse waiters, drain requests
 // (bounded), close the store, remove the socket.
 func Run(ctx context.Context, o Options) error {
+	// SIGHUP reloads; taken first, since its default action kills.
+	hup := make(chan os.Signal, 1)
+	signal.Notify(hup, syscall.SIGHUP)
+	defer signal.Stop(hup)
 	logw := o.Log
 	if logw == nil {
 		logw = os.Stderr
 	}
-	log := slog.New(slog.NewTextHandler(logw, &slog.HandlerOptions{Level: o.LogLevel}))
+	log, err := newLogger(logw, o.LogFormat, o.LogLevel)
+	if err != nil {
+		return err
+	}
+	metricsAddr := ""
+	if o.MetricsListen != "" {
+		if metricsAddr, err = checkMetricsListen(o.MetricsListen); err != nil {
+			return err
+		}
+	}
 	cfgPath := ConfigPath(o.ConfigPath)
 	copts := config.Options{EnvFile: o.EnvFile}
 	cfg, err := config.Load(cfgPath, copts)
@@ -176,13 +226,15 @@ func Run(ctx context.Context, o Options) error {
 	if err != nil {
 		return err
 	}
-	st, err := store.Open(stateDir, store.Options{})
+	commits := newHistogram(storeCommitBounds)
+	st, err := store.Open(stateDir, store.Options{OnCommit: commits.observe})
 	if err != nil {
 		return fmt.Errorf("opening the store: %w", err)
 	}
 	defer st.Close()
 
 	p := newPool(st, time.Now, log)
+	p.m.storeCommit = commits
 	now := time.Now()
 	p.mu.Lock()
 	fixups := &store.Batch{}
@@ -243,8 +295,31 @@ func Run(ctx context.Context, o Options) error {
 		ConnContext:       connContext,
 		ErrorLog:          slog.NewLogLogger(log.Handler(), slog.LevelWarn),
 	}
-	serveErr := make(chan error, 1)
-	go func() { serveErr <- hs.Serve(ln) }()
+	var ms *http.Server // --metrics-listen
+	var mln net.Listener
+	if metricsAddr != "" {
+		if mln, err = net.Listen("tcp", metricsAddr); err != nil {
+			ln.Close()
+			return fmt.Errorf("--metrics-listen: %w", err)
+		}
+		ms = &http.Server{
+			Handler:           srv.metricsHandler(),
+			ReadHeaderTimeout: 5 * time.Second,
+			IdleTimeout:       2 * time.Minute,
+			ErrorLog:          slog.NewLogLogger(log.Handler(), slog.LevelWarn),
+		}
+		defer ms.Close()
+	}
+	serveErr := make(chan error, 2)
+	go func() { serveErr <- fmt.Errorf("serving %s: %w", sock, hs.Serve(ln)) }()
+	if ms != nil {
+		go func() {
+			if err := ms.Serve(mln); !errors.Is(err, http.ErrServerClosed) {
+				serveErr <- fmt.Errorf("metrics on %s: %w", mln.Addr(), err)
+			}
+		}()
+		log.Info("serving metrics", "addr", mln.Addr().String(), "path", api.RouteMetrics)
+	}
 	log.Info("keyd serving", "socket", sock, "version", Version, "pid", os.Getpid())
 	notify("READY=1\n" + statusLine())
 	if o.Ready != nil {
@@ -261,16 +336,28 @@ func Run(ctx context.Context, o Options) error {
 	watchDone := make(chan struct{})
 	go func() {
 		defer close(watchDone)
-		err := watch.Run(watchCtx, []string{cfg.Path, cfg.EnvFile}, watchDebounce, log, func() { reload() })
+		err := watch.Run(watchCtx, []string{cfg.Path, cfg.EnvFile}, watchDebounce, log, func() {
+			// Events in the directories are many and mostly not ours:
+			// go through reload (and its notify messages) only on a change.
+			if next, err := config.Load(cfgPath, copts); err == nil {
+				p.mu.Lock()
+				same := sameConfig(p.cfg, next)
+				if same {
+					p.lastErr = ""
+				}
+				p.mu.Unlock()
+				if same {
+					return
+				}
+			}
+			reload()
+		})
 		if err != nil && !errors.Is(err, context.Canceled) {
 			log.Error("watching the config files failed; reload with keyctl reload or SIGHUP", "err", err)
 		}
 	}()
 	defer func() { stopWatch(); <-watchDone }()
 
-	hup := make(chan os.Signal, 1)
-	signal.Notify(hup, syscall.SIGHUP)
-	defer signal.Stop(hup)
 	janitor := time.NewTicker(time.Second)
 	defer janitor.Stop()
 	lastPrune := time.Time{}
@@ -295,7 +382,7 @@ func Run(ctx context.Context, o Options) error {
 			}
 			continue
 		case err := <-serveErr:
-			return fmt.Errorf("serving %s: %w", sock, err)
+			return err
 		case <-ctx.Done():
 		}
 		break
@@ -308,6 +395,9 @@ func Run(ctx context.Context, o Options) error {
 	p.mu.Unlock()
 	sctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
+	if ms != nil {
+		ms.Close() // a scrape is cheap to lose
+	}
 	if err := hs.Shutdown(sctx); err != nil {
 		log.Warn("requests still running at shutdown were cut", "err", err)
 	}

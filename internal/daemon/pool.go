@@ -37,6 +37,9 @@ type pool struct {
 	now   func() time.Time
 	log   *slog.Logger
 	start time.Time
+	// m are the counters of metrics.go: atomic, with the map that leads
+	// to them guarded by mu.
+	m metrics
 
 	mu       sync.Mutex
 	cfg      *config.Config
@@ -45,7 +48,8 @@ type pool struct {
 	keys     map[string]*keyState
 	order    []*keyState            // keys of cfg, in file order
 	byModel  map[string][]*keyState // keys of cfg serving each model
-	buckets  map[config.BucketID]*limiter.Bucket
+	buckets  map[config.BucketID]*limiter.Bucket // of cfg
+	retired  map[config.BucketID]*limiter.Bucket // buckets no longer in cfg
 	leases   map[string]*leaseState
 	expiries leaseHeap // open leases by expiry
 	retained []*leaseState
@@ -62,7 +66,7 @@ type pool struct {
 // keyState is one key: its configuration and what keyd learned about it.
 type keyState struct {
 	key      *config.Key
-	removed  bool // no longer in the config; kept for its open leases
+	removed  bool // no longer in the config; kept for its leases and state
 	disabled *store.Key
 	inFlight int64
 	open     map[*leaseState]struct{}
@@ -109,9 +113,10 @@ func (h *leaseHeap) Pop() any {
 
 func newPool(st store.Store, now func() time.Time, log *slog.Logger) *pool {
 	return &pool{
-		st: st, now: now, log: log, start: now(),
+		st: st, now: now, log: log, start: now(), m: newMetrics(),
 		keys:    map[string]*keyState{},
 		buckets: map[config.BucketID]*limiter.Bucket{},
+		retired: map[config.BucketID]*limiter.Bucket{},
 		leases:  map[string]*leaseState{},
 		queues:  map[string][]*waiter{},
 		changed: make(chan struct{}),
@@ -172,25 +177,31 @@ func (p *pool) apply(cfg *config.Config, now time.Time, batch *store.Batch) {
 			p.byModel[m] = append(p.byModel[m], ks)
 		}
 	}
+	// A removed key or bucket is kept, out of the configuration, so that
+	// one removed and added back (an edit in two steps) keeps its state.
 	for id, ks := range p.keys {
 		if !seen[id] {
 			ks.removed = true
-			if len(ks.open) == 0 {
-				delete(p.keys, id)
-			}
 		}
 	}
 	for bid, l := range cfg.Buckets {
 		lim := limiter.Limits{RPM: l.RPM, TPM: l.TPM, RPD: l.RPD, BurstCapacity: l.BurstCapacity}
-		if b := p.buckets[bid]; b != nil {
+		b := p.buckets[bid]
+		if b == nil {
+			b = p.retired[bid]
+			delete(p.retired, bid)
+		}
+		if b != nil {
 			b.SetLimits(lim, now)
 		} else {
-			p.buckets[bid] = limiter.New(lim, cfg.DayResetLocation)
+			b = limiter.New(lim, cfg.DayResetLocation)
 		}
+		p.buckets[bid] = b
 	}
-	for bid := range p.buckets {
+	for bid, b := range p.buckets {
 		if _, ok := cfg.Buckets[bid]; !ok {
-			delete(p.buckets, bid) // open leases keep their own pointer
+			delete(p.buckets, bid)
+			p.retired[bid] = b
 		}
 	}
 	p.kick()
@@ -280,7 +291,10 @@ func (p *pool) adopt(ls *leaseState) {
 		p.keys[ls.rec.KeyID] = ls.key
 	}
 	if ls.bucket == nil {
-		ls.bucket = limiter.New(limiter.Limits{RPM: math.MaxInt32, TPM: math.MaxInt64 / 2}, p.cfg.DayResetLocation)
+		if ls.bucket = p.retired[ls.bid]; ls.bucket == nil {
+			ls.bucket = limiter.New(limiter.Limits{RPM: math.MaxInt32, TPM: math.MaxInt64 / 2}, p.cfg.DayResetLocation)
+			p.retired[ls.bid] = ls.bucket
+		}
 	}
 }
 
@@ -300,9 +314,6 @@ func (p *pool) closeLease(ls *leaseState) {
 	delete(ls.key.open, ls)
 	if ls.hidx >= 0 {
 		heap.Remove(&p.expiries, ls.hidx)
-	}
-	if ls.key.removed && len(ls.key.open) == 0 && p.keys[ls.rec.KeyID] == ls.key {
-		delete(p.keys, ls.rec.KeyID)
 	}
 }
 

@@ -7,7 +7,10 @@
 // a watched directory schedules one call of the callback after a quiet
 // period (debounce); the callback compares content and decides. A watched
 // directory that disappears is watched again as soon as it is back, and
-// its return counts as a change.
+// its return counts as a change; so does a directory reached through a
+// symlink that now points elsewhere (a release directory swapped with
+// ln -sfn). Once the watches are in place, changed is called once, so that
+// an edit made before Run began is not missed.
 package watch
 
 import (
@@ -44,14 +47,23 @@ func Run(ctx context.Context, files []string, debounce time.Duration, log *slog.
 		}
 	}
 	watched := map[string]bool{}
-	// add (re)watches every directory not watched; true if one came back.
+	target := map[string]string{} // what each directory resolved to when watched
+	// add (re)watches every directory not watched, or whose symlinks now
+	// lead elsewhere; true if one came back or moved.
 	add := func() bool {
 		back := false
 		for _, d := range dirs {
-			if watched[d] {
+			t, _ := filepath.EvalSymlinks(d)
+			if watched[d] && t == target[d] {
 				continue
 			}
+			if watched[d] { // the path now leads to another directory
+				w.Remove(d)
+				watched[d] = false
+				log.Info("the config directory now leads elsewhere", "dir", d, "to", t)
+			}
 			if err := w.Add(d); err == nil {
+				target[d] = t
 				if _, seen := watched[d]; seen {
 					log.Info("watching the config directory again", "dir", d)
 					back = true
@@ -65,10 +77,9 @@ func Run(ctx context.Context, files []string, debounce time.Duration, log *slog.
 		return back
 	}
 	add()
+	timer := time.NewTimer(0) // the first check, once watching
 	retry := time.NewTicker(time.Second)
 	defer retry.Stop()
-	timer := time.NewTimer(time.Hour)
-	timer.Stop()
 	for {
 		select {
 		case <-ctx.Done():

@@ -21,7 +21,8 @@ func start(t *testing.T, files ...string) <-chan struct{} {
 		done <- Run(ctx, files, 20*time.Millisecond, slog.New(slog.NewTextHandler(io.Discard, nil)), func() { calls <- struct{}{} })
 	}()
 	t.Cleanup(func() { cancel(); <-done })
-	time.Sleep(50 * time.Millisecond) // let the watch be set up before the test writes
+	// The first call comes once the watches are set up.
+	expectCall(t, calls, "start")
 	return calls
 }
 
@@ -115,6 +116,28 @@ func TestReplacedDirectoryIsWatchedAgain(t *testing.T) {
 	expectCall(t, calls, "directory back")
 	write(t, keys, "3")
 	expectCall(t, calls, "write in the new directory")
+}
+
+func TestSymlinkedDirectorySwapIsSeen(t *testing.T) {
+	// current -> releases/1, swapped to releases/2 with ln -sfn.
+	root := t.TempDir()
+	for _, r := range []string{"1", "2"} {
+		os.MkdirAll(filepath.Join(root, "releases", r), 0o755)
+		write(t, filepath.Join(root, "releases", r, "keys.json"), r)
+	}
+	cur := filepath.Join(root, "current")
+	if err := os.Symlink("releases/1", cur); err != nil {
+		t.Fatal(err)
+	}
+	calls := start(t, filepath.Join(cur, "keys.json"))
+	tmp := filepath.Join(root, "current.tmp")
+	os.Symlink("releases/2", tmp)
+	if err := os.Rename(tmp, cur); err != nil {
+		t.Fatal(err)
+	}
+	expectCall(t, calls, "directory symlink swapped")
+	write(t, filepath.Join(root, "releases", "2", "keys.json"), "2b")
+	expectCall(t, calls, "write in the new target")
 }
 
 func TestQuietDirectoryCallsNothing(t *testing.T) {
