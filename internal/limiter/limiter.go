@@ -86,18 +86,18 @@ type Decision struct {
 
 // Bucket is the exact limiter of one (project, model). Create it with New.
 type Bucket struct {
-	limits  Limits
-	loc     *time.Location
-	grants  []Grant   // grants of the last Window, sorted by At
-	tokSum  int64     // sum of grants' Tokens
-	day     string    // day of dayCnt, "2006-01-02" in loc
-	dayEnd  time.Time // start of the day after day; zero if unknown
-	dayCnt  int64
-	pacer   *rate.Limiter // nil without BurstCapacity
+	limits Limits
+	loc    *time.Location
+	grants []Grant   // grants of the last Window, sorted by At
+	tokSum int64     // sum of grants' Tokens
+	day    string    // day of dayCnt, "2006-01-02" in loc
+	dayEnd time.Time // start of the day after day; zero if unknown
+	dayCnt int64
+	pacer  *rate.Limiter // nil without BurstCapacity
 	// coolStart is when the current per-minute cooldown began (zero after
 	// a restart: then every 429 counts).
 	coolStart time.Time
-	penalty Penalty
+	penalty   Penalty
 }
 
 // New returns a bucket with no history. loc is the day-reset time zone.
