@@ -46,8 +46,8 @@ type pool struct {
 	loadedAt time.Time
 	lastErr  string // last failed (re)load
 	keys     map[string]*keyState
-	order    []*keyState            // keys of cfg, in file order
-	byModel  map[string][]*keyState // keys of cfg serving each model
+	order    []*keyState                         // keys of cfg, in file order
+	byModel  map[string][]*keyState              // keys of cfg serving each model
 	buckets  map[config.BucketID]*limiter.Bucket // of cfg
 	retired  map[config.BucketID]*limiter.Bucket // buckets no longer in cfg
 	leases   map[string]*leaseState
