@@ -12,6 +12,9 @@ import (
 
 // Routes, sorted. The daemon's route table is tested to match this list.
 const (
+	// RouteMetrics serves Prometheus text metrics (GET); not versioned,
+	// where Prometheus looks by default. No secret appears in it.
+	RouteMetrics = "/metrics"
 	RouteHealth  = "/v1/health"
 	RouteKeys    = "/v1/keys/"   // + {key_id}/disable|enable|reset
 	RouteLeases  = "/v1/leases"  // POST: take a lease

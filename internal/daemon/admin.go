@@ -71,6 +71,7 @@ func (p *pool) keyAction(ctx context.Context, keyID, action string, who string) 
 func (p *pool) reload(load func() (*config.Config, error)) (*api.ReloadResponse, *api.Error) {
 	cfg, err := load()
 	p.mu.Lock()
+	p.m.reloaded(err == nil)
 	if err != nil {
 		p.lastErr = err.Error()
 		p.mu.Unlock()

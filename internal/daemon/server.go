@@ -31,7 +31,7 @@ const maxBody = 1 << 20
 type perm int
 
 const (
-	permRead  perm = iota // status, health, usage: no secrets
+	permRead  perm = iota // status, health, usage, metrics: no secrets
 	permLease             // take and report leases (receives secrets)
 	permAdmin             // reload, disable, enable, reset
 )
@@ -142,6 +142,7 @@ type route struct {
 
 // routes is the whole socket API, sorted by path.
 var routes = []route{
+	{"GET " + api.RouteMetrics, permRead, (*server).serveMetrics},
 	{"GET " + api.RouteHealth, permRead, (*server).serveHealth},
 	{"POST " + api.RouteKeys + "{key}/{action}", permAdmin, (*server).serveKeyAction},
 	{"POST " + api.RouteLeases, permLease, (*server).serveLease},

@@ -71,6 +71,12 @@ func startDaemon(t testing.TB, keysJSON string) *testDaemon {
 // info, keyd's default, so as not to measure debug logging).
 func startDaemonLevel(t testing.TB, keysJSON string, level slog.Level) *testDaemon {
 	t.Helper()
+	return startDaemonWith(t, keysJSON, func(o *Options) { o.LogLevel = level })
+}
+
+// startDaemonWith is startDaemon with options set by opt.
+func startDaemonWith(t testing.TB, keysJSON string, opt func(*Options)) *testDaemon {
+	t.Helper()
 	dir := shortDir(t)
 	if err := os.WriteFile(filepath.Join(dir, "keys.json"), []byte(keysJSON), 0o600); err != nil {
 		t.Fatal(err)
@@ -86,13 +92,13 @@ func startDaemonLevel(t testing.TB, keysJSON string, level slog.Level) *testDaem
 	ctx, cancel := context.WithCancel(context.Background())
 	ready := make(chan struct{})
 	done := make(chan error, 1)
-	go func() {
-		done <- Run(ctx, Options{
-			ConfigPath: filepath.Join(dir, "keys.json"), SocketPath: d.socket,
-			StateDir: filepath.Join(dir, "state"), Log: d.log, LogLevel: level,
-			Ready: func() { close(ready) },
-		})
-	}()
+	o := Options{
+		ConfigPath: filepath.Join(dir, "keys.json"), SocketPath: d.socket,
+		StateDir: filepath.Join(dir, "state"), Log: d.log, LogLevel: slog.LevelDebug,
+		Ready: func() { close(ready) },
+	}
+	opt(&o)
+	go func() { done <- Run(ctx, o) }()
 	select {
 	case <-ready:
 	case err := <-done:

@@ -34,6 +34,13 @@ const lineWidth = 100
 // table, after the row's label: nothing is lost, and the table stays
 // readable at a glance.
 func fitTable(w io.Writer, header []string, rows [][]string, labels []string) {
+	fitTableWidth(w, lineWidth, true, header, rows, labels)
+}
+
+// fitTableWidth is fitTable for width columns. Narrower than lineWidth,
+// the last column keeps at least 8 columns (and its header) rather than
+// 20. Without notes, cut cells are not written in full below the table.
+func fitTableWidth(w io.Writer, width int, notes bool, header []string, rows [][]string, labels []string) {
 	all := append([][]string{header}, rows...)
 	n := len(header)
 	widths := make([]int, n)
@@ -47,15 +54,19 @@ func fitTable(w io.Writer, header []string, rows [][]string, labels []string) {
 	for _, wd := range widths[:n-1] {
 		used += wd + 2
 	}
-	last := max(lineWidth-used, 20)
+	minLast := 20
+	if width < lineWidth {
+		minLast = max(8, len([]rune(header[n-1])))
+	}
+	last := max(width-used, minLast)
 	var buf bytes.Buffer
 	tw := newTable(&buf)
-	var notes []string
+	var cut []string
 	for i, r := range all {
 		full := clean(r[n-1])
 		r[n-1] = truncate(full, last)
-		if r[n-1] != full {
-			notes = append(notes, labels[i-1]+": "+full)
+		if r[n-1] != full && i > 0 {
+			cut = append(cut, labels[i-1]+": "+full)
 		}
 		fmt.Fprintln(tw, strings.Join(r, "\t"))
 	}
@@ -66,8 +77,11 @@ func fitTable(w io.Writer, header []string, rows [][]string, labels []string) {
 			io.WriteString(w, "\n")
 		}
 	}
-	for _, note := range notes {
-		for i, l := range wrap(note, lineWidth-4, 10) {
+	if !notes {
+		cut = nil
+	}
+	for _, note := range cut {
+		for i, l := range wrap(note, width-4, 10) {
 			if i > 0 {
 				l = "    " + l
 			}

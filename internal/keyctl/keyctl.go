@@ -79,6 +79,7 @@ type command struct {
 func commands() []*command {
 	return []*command{
 		statusCmd,
+		watchCmd,
 		leaseCmd,
 		reportCmd,
 		runCmd,

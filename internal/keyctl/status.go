@@ -46,6 +46,56 @@ at most the last 4 characters of its secret.`,
 const modelsWidth = 28
 
 func (e *env) printStatus(w io.Writer, st *api.Status) {
+	e.renderStatus(w, st, lineWidth, false)
+}
+
+// renderStatus is printStatus with tables fitted to width columns; below
+// lineWidth, the keys table leaves out the secret hints. compact, for
+// keyctl watch, shortens the top to a line or two and leaves out the
+// blank lines and the cut cells written in full below the tables.
+func (e *env) renderStatus(w io.Writer, st *api.Status, width int, compact bool) {
+	narrow := width < lineWidth
+	sep := "\n"
+	if compact {
+		e.statusTop(w, st)
+		sep = ""
+	} else {
+		e.printTop(w, st)
+	}
+
+	fmt.Fprintf(w, "%sKEYS: %s\n", sep, keyCounts(st.Keys))
+	var rows [][]string
+	var labels []string
+	for _, k := range st.Keys {
+		// The row names the key: "key ID: " in front of a reason is noise.
+		reason := strings.TrimPrefix(k.Reason, "key "+k.KeyID+": ")
+		row := []string{k.KeyID, k.Project, models(k.Models), hint(k.SecretHint),
+			k.State, fmt.Sprint(k.InFlight), e.reasonUntil(k.State, reason, k.Until)}
+		if narrow {
+			row = slices.Delete(row, 3, 4)
+		}
+		rows = append(rows, row)
+		labels = append(labels, k.KeyID)
+	}
+	header := []string{"KEY", "PROJECT", "MODELS", "SECRET", "STATE", "IN-FLIGHT", "REASON/UNTIL"}
+	if narrow {
+		header = slices.Delete(header, 3, 4)
+	}
+	fitTableWidth(w, width, !compact, header, rows, labels)
+
+	fmt.Fprintf(w, "%sBUCKETS: %d\n", sep, len(st.Buckets))
+	rows, labels = nil, nil
+	for _, b := range st.Buckets {
+		rows = append(rows, []string{b.Project, b.Model, b.State, counter(b.RPM), counter(b.TPM), counter(b.RPD),
+			e.reasonUntil(b.State, b.Reason, b.Until)})
+		labels = append(labels, b.Project+"/"+b.Model)
+	}
+	fitTableWidth(w, width, !compact, []string{"PROJECT", "MODEL", "STATE", "RPM", "TPM", "RPD", "REASON/UNTIL"}, rows, labels)
+}
+
+// printTop writes the top of status: keyd, its config, the last load
+// error and every warning.
+func (e *env) printTop(w io.Writer, st *api.Status) {
 	fmt.Fprintf(w, "keyd %s, up %s, socket %s\n", clean(st.Version), fmtDuration(time.Duration(st.UptimeS)*time.Second), e.socketPath())
 	cfg := st.Config
 	loaded := "never"
@@ -60,27 +110,21 @@ func (e *env) printStatus(w io.Writer, st *api.Status) {
 		}
 	}
 	printWarnings(w, cfg.Warnings)
+}
 
-	fmt.Fprintf(w, "\nKEYS: %s\n", keyCounts(st.Keys))
-	var rows [][]string
-	var labels []string
-	for _, k := range st.Keys {
-		// The row names the key: "key ID: " in front of a reason is noise.
-		reason := strings.TrimPrefix(k.Reason, "key "+k.KeyID+": ")
-		rows = append(rows, []string{k.KeyID, k.Project, models(k.Models), hint(k.SecretHint),
-			k.State, fmt.Sprint(k.InFlight), e.reasonUntil(k.State, reason, k.Until)})
-		labels = append(labels, k.KeyID)
+// statusTop is printTop in a line or two: version, uptime, the config and
+// when it loaded, how many warnings, and the last load error.
+func (e *env) statusTop(w io.Writer, st *api.Status) {
+	cfg := st.Config
+	loaded := "never loaded"
+	if !cfg.LoadedAt.IsZero() {
+		loaded = "loaded " + e.ago(cfg.LoadedAt)
 	}
-	fitTable(w, []string{"KEY", "PROJECT", "MODELS", "SECRET", "STATE", "IN-FLIGHT", "REASON/UNTIL"}, rows, labels)
-
-	fmt.Fprintf(w, "\nBUCKETS: %d\n", len(st.Buckets))
-	rows, labels = nil, nil
-	for _, b := range st.Buckets {
-		rows = append(rows, []string{b.Project, b.Model, b.State, counter(b.RPM), counter(b.TPM), counter(b.RPD),
-			e.reasonUntil(b.State, b.Reason, b.Until)})
-		labels = append(labels, b.Project+"/"+b.Model)
+	fmt.Fprintf(w, "keyd %s, up %s; %s %s; %s\n", clean(st.Version), fmtDuration(time.Duration(st.UptimeS)*time.Second),
+		clean(cfg.Path), loaded, plural(len(cfg.Warnings), "warning"))
+	if cfg.LastError != "" {
+		fmt.Fprintf(w, "LAST ERROR (config kept): %s\n", clean(strings.Join(strings.Fields(cfg.LastError), " ")))
 	}
-	fitTable(w, []string{"PROJECT", "MODEL", "STATE", "RPM", "TPM", "RPD", "REASON/UNTIL"}, rows, labels)
 }
 
 // models lists a key's models in at most modelsWidth columns: the first

@@ -50,6 +50,11 @@ type Options struct {
 	// discards them. It is called from the writer goroutine as well as
 	// from Open and Close.
 	Logf func(format string, args ...any)
+	// OnCommit, when set, is called by the writer goroutine after each
+	// transaction, failed or not, with how long it took (fsync included):
+	// keyd's commit-latency histogram. It must return quickly, as the next
+	// transaction waits for it.
+	OnCommit func(took time.Duration)
 }
 
 // LockedError is returned by Open when another process holds the
@@ -117,11 +122,12 @@ var (
 // the database's memory. Commit does not retain its Batch after it
 // returns, except when it returns a context error (see Commit).
 type DB struct {
-	bolt    *bolt.DB
-	dir     string
-	path    string
-	pidPath string // "" when the pid file was not written
-	logf    func(string, ...any)
+	bolt     *bolt.DB
+	dir      string
+	path     string
+	pidPath  string // "" when the pid file was not written
+	logf     func(string, ...any)
+	onCommit func(time.Duration) // Options.OnCommit; nil for none
 
 	reqs       chan *request
 	writerDone chan struct{}
@@ -194,6 +200,7 @@ func Open(dir string, opts Options) (*DB, error) {
 		dir:        dir,
 		path:       path,
 		logf:       logf,
+		onCommit:   opts.OnCommit,
 		reqs:       make(chan *request, 256),
 		writerDone: make(chan struct{}),
 	}
@@ -493,8 +500,12 @@ func (db *DB) commitGroup(group []*request) error {
 		}
 		return w.flush()
 	})
-	if d := time.Since(start); d > time.Second {
+	d := time.Since(start)
+	if d > time.Second {
 		db.logf("store: a commit of %d batches took %v", len(group), d.Round(time.Millisecond))
+	}
+	if db.onCommit != nil {
+		db.onCommit(d)
 	}
 	db.txs.Add(1)
 	if err != nil {
