@@ -239,6 +239,8 @@ func TestErrors(t *testing.T) {
 			`keys.json:1:15: field "lease_ttl": "10" is not a duration: write it like "10m" or "90s"`}},
 		{"lease_ttl negative", `{"lease_ttl": "-1m", "keys": [` + k + `]}`, []string{
 			`keys.json:1:15: field "lease_ttl": must be > 0, got "-1m"`}},
+		{"window_margin too large", `{"window_margin": "1m", "keys": [` + k + `]}`, []string{
+			`keys.json:1:19: field "window_margin": must be between 0s and 30s, got "1m"`}},
 		{"default_tokens zero", `{"default_tokens": 0, "keys": [` + k + `]}`, []string{
 			`keys.json:1:20: field "default_tokens": must be > 0, got 0`}},
 		{"access", `{"keys": [` + k + `], "access": {"lease": {"uids": ["alice", "mallory", -1], "groups": "keyd"}, "admin": 7}}`, []string{

@@ -92,7 +92,11 @@ type Config struct {
 	DayResetLocation *time.Location
 	LeaseTTL         time.Duration // default 10m
 	DefaultTokens    int64         // default 1000
-	Access           Access
+	// WindowMargin is added to the 60 s RPM and TPM windows: a grant holds
+	// its slot 60 s + WindowMargin, covering the time its request takes to
+	// reach Gemini (default 1s).
+	WindowMargin time.Duration
+	Access       Access
 	// Warnings are problems that did not stop loading, each naming the key
 	// and field, e.g. `key flash_01: unknown field "rpn" (did you mean "rpm"?)`.
 	Warnings []string

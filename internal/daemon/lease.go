@@ -273,17 +273,28 @@ func (p *pool) report(ctx context.Context, id string, rep *api.ReportRequest) (*
 	batch.Leases, batch.Usage = rr.lease[:0], rr.usage[:0]
 	usage := store.UsageDelta{Hour: hour(r.GrantedAt), Project: r.Project, Model: r.Model, KeyID: r.KeyID}
 	var class, action string
-	if rep.Outcome == api.OutcomeUnused {
-		class, action = api.ClassUnused, "reservation refunded"
+	// refund gives the grant's place in the bucket back: the provider
+	// never counted the request against the project's quota.
+	refund := func() {
 		ls.bucket.Refund(now, id, r.GrantedAt)
 		if day, count := ls.bucket.Day(now); day == r.Day {
 			batch.Days = append(batch.Days, store.Day{Project: r.Project, Model: r.Model, Day: day, Count: count})
 		}
+	}
+	if rep.Outcome == api.OutcomeUnused {
+		class, action = api.ClassUnused, "reservation refunded"
+		refund()
 		usage.Requests, usage.PromptTokens, usage.Unused = -1, -r.Tokens, 1
 	} else {
 		v := gemini.Classify(rep.Status, rep.Error)
 		class = v.Class
 		action = p.penalize(now, ls, v, batch)
+		if class == api.ClassKeyInvalid || class == api.ClassKeyDenied {
+			// A key Gemini rejects is not the project's: the request
+			// used none of its quota.
+			refund()
+			action += "; its grant refunded"
+		}
 		switch class {
 		case api.ClassSuccess:
 			r.PromptTokens = -1

@@ -196,6 +196,7 @@ func (p *pool) apply(cfg *config.Config, now time.Time, batch *store.Batch) {
 		} else {
 			b = limiter.New(lim, cfg.DayResetLocation)
 		}
+		b.SetMargin(cfg.WindowMargin)
 		p.buckets[bid] = b
 	}
 	for bid, b := range p.buckets {

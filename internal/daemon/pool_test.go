@@ -62,6 +62,9 @@ func testConfig(t *testing.T, keysJSON string) *config.Config {
 	if err != nil {
 		t.Fatal(err)
 	}
+	if !strings.Contains(keysJSON, "window_margin") {
+		cfg.WindowMargin = 0 // exact 60 s windows keep the tests' arithmetic plain
+	}
 	return cfg
 }
 
@@ -324,8 +327,8 @@ func TestReportsPenalizeTheRightThing(t *testing.T) {
 		{"quota 0", 429, "429_newer_limit0.json", api.ClassQuotaZero, api.StateDisabled, api.StateReady, nil, `^bucket p/m disabled$`},
 		{"capacity", 429, "429_no_details_capacity.json", api.ClassCapacity, api.StateCooling, api.StateReady,
 			func(now time.Time) time.Time { return now.Add(capacityBackoff) }, `^bucket p/m backing off for 5s \(upstream capacity; key not blamed\)$`},
-		{"invalid key", 400, "400_api_key_invalid.json", api.ClassKeyInvalid, api.StateDisabled, api.StateReady, nil, `^key a disabled$`},
-		{"leaked key", 403, "403_leaked_key.json", api.ClassKeyDenied, api.StateDisabled, api.StateReady, nil, `^key a disabled$`},
+		{"invalid key", 400, "400_api_key_invalid.json", api.ClassKeyInvalid, api.StateDisabled, api.StateReady, nil, `^key a disabled; its grant refunded$`},
+		{"leaked key", 403, "403_leaked_key.json", api.ClassKeyDenied, api.StateDisabled, api.StateReady, nil, `^key a disabled; its grant refunded$`},
 		{"server error", 503, "503_overloaded.json", api.ClassServerError, api.StateReady, api.StateReady, nil, `^$`},
 		{"network", 0, "", api.ClassNetworkError, api.StateReady, api.StateReady, nil, `^$`},
 	}
@@ -376,6 +379,10 @@ func TestReportsPenalizeTheRightThing(t *testing.T) {
 				case api.ClassKeyInvalid, api.ClassKeyDenied:
 					if next.KeyID != "b" {
 						t.Fatalf("after a key verdict the next lease went to %s, want b", next.KeyID)
+					}
+					// The rejected request was refunded: only the new one counts.
+					if u := p.status("x").Buckets[0].RPM.Used; u != 1 {
+						t.Fatalf("bucket p/m rpm used %d after a rejected key's refund and one lease, want 1", u)
 					}
 				case api.ClassRateMinute, api.ClassRateDay, api.ClassQuotaZero, api.ClassCapacity:
 					if next.KeyID != "c" {
@@ -646,4 +653,19 @@ func TestRestoredLeaseOfARemovedKeyStaysReportable(t *testing.T) {
 	if s := p.status("x"); len(s.Keys) != 1 || s.Keys[0].State != api.StateReady || s.Keys[0].InFlight != 0 {
 		t.Fatalf("status after reports of old leases: %+v", s.Keys)
 	}
+}
+
+func TestWindowMarginHoldsSlotsLonger(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		p := testPool(t, &memStore{}, `{"window_margin":"1s","keys":[{"key_id":"k","model_name":"m","rpm":1,"tpm":100000}]}`)
+		mustLease(t, p, api.LeaseRequest{Model: "m"})
+		e := leaseErr(t, p, api.LeaseRequest{Model: "m"})
+		if d, _ := e.RetryAfter(); d != 61*time.Second {
+			t.Fatalf("retry after %v, want 61s (60 s window + 1 s margin)", d)
+		}
+		time.Sleep(61*time.Second - time.Nanosecond)
+		leaseErr(t, p, api.LeaseRequest{Model: "m"})
+		time.Sleep(time.Nanosecond)
+		mustLease(t, p, api.LeaseRequest{Model: "m"})
+	})
 }

@@ -94,6 +94,7 @@ type Bucket struct {
 	dayEnd time.Time // start of the day after day; zero if unknown
 	dayCnt int64
 	pacer  *rate.Limiter // nil without BurstCapacity
+	margin time.Duration // added to Window, see SetMargin
 	// coolStart is when the current per-minute cooldown began (zero after
 	// a restart: then every 429 counts).
 	coolStart time.Time
@@ -138,11 +139,21 @@ func (b *Bucket) SetLimits(l Limits, now time.Time) {
 func (b *Bucket) replayPacer(now time.Time) {
 	b.pacer = rate.NewLimiter(rate.Limit(float64(b.limits.RPM)/60), int(b.limits.BurstCapacity))
 	for _, g := range b.grants {
-		if now.Sub(g.At) < Window {
+		if now.Sub(g.At) < b.span() {
 			b.pacer.ReserveN(g.At, 1)
 		}
 	}
 }
+
+// SetMargin makes a grant hold its place in the RPM and TPM windows for
+// Window+d instead of Window. keyd counts a grant from the moment it makes
+// it; the provider counts the request when it arrives, a little later (the
+// grant's commit, the answer, the caller's own work). Without a margin, a
+// slot keyd sees free at grant+60 s can still be taken at the provider,
+// and the request that takes it is refused with a 429.
+func (b *Bucket) SetMargin(d time.Duration) { b.margin = d }
+
+func (b *Bucket) span() time.Duration { return Window + b.margin }
 
 // DayOf returns the day of t in the bucket's time zone.
 func (b *Bucket) DayOf(t time.Time) string { return t.In(b.loc).Format(time.DateOnly) }
@@ -155,7 +166,7 @@ func NextReset(t time.Time, loc *time.Location) time.Time {
 
 func (b *Bucket) advance(now time.Time) {
 	cut := 0
-	for cut < len(b.grants) && now.Sub(b.grants[cut].At) >= Window {
+	for cut < len(b.grants) && now.Sub(b.grants[cut].At) >= b.span() {
 		b.tokSum -= b.grants[cut].Tokens
 		cut++
 	}
@@ -205,7 +216,7 @@ func (b *Bucket) Check(now time.Time, tokens int64) Decision {
 	}
 	if n := int64(len(b.grants)); n >= l.RPM {
 		// The (n-RPM+1)-th oldest grant must leave the window.
-		wait(b.grants[n-l.RPM].At.Add(Window).Sub(now), fmt.Sprintf("rpm %d/%d", n, l.RPM))
+		wait(b.grants[n-l.RPM].At.Add(b.span()).Sub(now), fmt.Sprintf("rpm %d/%d", n, l.RPM))
 	}
 	if used := b.tokens(); used+tokens > l.TPM {
 		excess := used + tokens - l.TPM
@@ -213,7 +224,7 @@ func (b *Bucket) Check(now time.Time, tokens int64) Decision {
 		for _, g := range b.grants {
 			excess -= g.Tokens
 			if excess <= 0 {
-				w = g.At.Add(Window).Sub(now)
+				w = g.At.Add(b.span()).Sub(now)
 				break
 			}
 		}
@@ -278,7 +289,7 @@ func (b *Bucket) Refund(now time.Time, id string, at time.Time) {
 	if i >= 0 {
 		b.tokSum -= b.grants[i].Tokens
 		b.grants = slices.Delete(b.grants, i, i+1)
-	} else if now.Sub(at) < Window {
+	} else if now.Sub(at) < b.span() {
 		return
 	}
 	if b.DayOf(at) == b.day && b.dayCnt > 0 {
@@ -327,7 +338,7 @@ func (b *Bucket) DayFull(now time.Time) (bool, time.Time) {
 func (b *Bucket) Restore(now time.Time, grants []Grant, day string, count int64) {
 	b.grants, b.tokSum = nil, 0
 	for _, g := range grants {
-		if now.Sub(g.At) < Window {
+		if now.Sub(g.At) < b.span() {
 			b.grants = append(b.grants, g)
 			b.tokSum += g.Tokens
 		}
@@ -369,7 +380,7 @@ func (b *Bucket) Cool(now time.Time, retry time.Duration, reason string) time.Ti
 	if n := int64(len(b.grants)); n > 0 {
 		// Upstream says the minute is full: the window frees when the
 		// oldest grant in it leaves.
-		d = max(d, b.grants[0].At.Add(Window).Sub(now))
+		d = max(d, b.grants[0].At.Add(b.span()).Sub(now))
 	}
 	streak := b.penalty.Streak
 	for range min(streak, 10) {
