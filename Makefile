@@ -5,7 +5,7 @@ FUZZTIME ?= 10s
 BENCHTIME ?= 3s
 BENCHCOUNT ?= 5
 
-.PHONY: build test lint fuzz bench bench-lease demo clean
+.PHONY: build test lint fuzz bench bench-lease demo clean systemd-check
 
 build:
 	$(GO) build -o bin/ ./cmd/...
@@ -29,15 +29,55 @@ fuzz:
 	$(GO) test -run='^$$' -fuzz='^FuzzDecodeLeaseRequest$$' -fuzztime=$(FUZZTIME) -fuzzminimizetime=5x ./internal/daemon/
 	$(GO) test -run='^$$' -fuzz='^FuzzDecodeReportRequest$$' -fuzztime=$(FUZZTIME) -fuzzminimizetime=5x ./internal/daemon/
 
-# Every benchmark: lease+report round trips over the real socket with the
-# durable store (bench-lease), then the store's and the limiter's own.
-bench: bench-lease
+# The systemd units: systemd-analyze verify (with freshly built binaries at
+# their ExecStart paths), systemd-sysusers --dry-run, systemd-analyze
+# security --offline=true with an exposure of at most 2.0, and keyd's
+# system calls under strace against the unit's sandbox. Installs nothing;
+# skips with a message when systemd-analyze is missing. See systemd/check.sh.
+systemd-check:
+	GO=$(GO) bash systemd/check.sh
+
+# Every benchmark, rewriting the generated results in docs/: lease+report
+# round trips over the real socket with the durable store (bench-lease),
+# the store's and the limiter's own, the policy simulator, keyd against
+# Redis, and scale.
+bench: bench-lease bench-sim bench-redis bench-scale
 	$(GO) test -run='^$$' -bench=. -benchtime=$(BENCHTIME) ./internal/store/ ./internal/limiter/
 
 # The numbers of docs/benchmarks.md: lease+report pairs at 1, 8 and 64
 # clients and the HTTP floor beside them, $(BENCHCOUNT) runs of each.
 bench-lease:
 	$(GO) test -run='^$$' -bench='^Benchmark(LeaseReport|Health)$$' -benchtime=$(BENCHTIME) -count=$(BENCHCOUNT) ./internal/daemon/
+
+.PHONY: bench-redis bench-scale
+
+# docs/bench/redis.md: keyd's lease+report pairs against a Redis-backed
+# limiter doing the same bookkeeping, durable and not, at 1, 8 and 64
+# clients, interleaved in one run, and the breakdown of a lone lease.
+# Needs Debian's redis-server (installed here when missing and run as
+# root); the benchmark starts and stops its own servers on 127.0.0.1.
+# About 2 minutes; REDIS_FLAGS passes flags (e.g. REDIS_FLAGS="--rounds 5").
+bench-redis:
+	@command -v redis-server >/dev/null || { [ "$$(id -u)" = 0 ] && apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null; } \
+		|| { echo "bench-redis needs redis-server: apt-get install redis-server" >&2; exit 1; }
+	$(GO) build -o bin/keyd ./cmd/keyd
+	KEYD_LOADTEST_CMD='make bench-redis$(if $(REDIS_FLAGS), REDIS_FLAGS="$(REDIS_FLAGS)")' \
+		$(GO) run ./cmd/keyd-loadtest redis --keyd bin/keyd --out docs/bench/redis.md $(REDIS_FLAGS)
+
+# docs/bench/scale.md: keyd's lease latency, startup time and RSS with 10,
+# 1,000 and 10,000 keys across 1 and 100 projects. About 1.5 minutes;
+# SCALE_FLAGS passes flags (e.g. SCALE_FLAGS="--keys 10,100000").
+bench-scale:
+	$(GO) build -o bin/keyd ./cmd/keyd
+	KEYD_LOADTEST_CMD='make bench-scale$(if $(SCALE_FLAGS), SCALE_FLAGS="$(SCALE_FLAGS)")' \
+		$(GO) run ./cmd/keyd-loadtest scale --keyd bin/keyd --out docs/bench/scale.md $(SCALE_FLAGS)
+
+# The policy simulator (internal/sim): keyd's real lease code against the
+# key-rotation policies in use, hours of traffic in virtual time. Writes
+# docs/bench/policies.md and its SVG plots; deterministic.
+.PHONY: bench-sim
+bench-sim:
+	$(GO) run ./cmd/keyd-bench sim -out docs/bench
 
 # keyd on the example keys.json with made-up secrets (no real Gemini key).
 demo:
