@@ -257,7 +257,7 @@ func (p *pool) restore(s *store.State, now time.Time, batch *store.Batch) {
 		p.adopt(ls)
 		p.leases[rec.ID] = ls
 		p.retained = append(p.retained, ls)
-		if rec.Classification == api.ClassUnused {
+		if refunded(rec.Classification) {
 			continue
 		}
 		tokens := rec.Tokens
@@ -297,6 +297,12 @@ func (p *pool) adopt(ls *leaseState) {
 			p.retired[ls.bid] = ls.bucket
 		}
 	}
+}
+
+// refunded reports whether a report of this class gave the grant's place
+// in its bucket back.
+func refunded(class string) bool {
+	return class == api.ClassUnused || class == api.ClassKeyInvalid || class == api.ClassKeyDenied
 }
 
 func (p *pool) openLease(ls *leaseState) {

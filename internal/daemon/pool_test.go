@@ -571,6 +571,10 @@ func TestRestoreFromStore(t *testing.T) {
 	if b := p.status("x").Buckets[0]; b.RPM.Used != 2 || b.RPD.Used != 2 {
 		t.Fatalf("after refund %+v", b)
 	}
+	// Key b's rejected request was refunded before the restart and stays so.
+	if b := p.status("x").Buckets[1]; b.RPM.Used != 0 || b.RPD.Used != 0 {
+		t.Fatalf("bucket q/m after restart %+v, want the rejected request refunded", b)
+	}
 }
 
 func TestWaitersDoNotBlockRequestsTheyCannotServe(t *testing.T) {
