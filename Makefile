@@ -80,8 +80,10 @@ bench-sim:
 	$(GO) run ./cmd/keyd-bench sim -out docs/bench
 
 # keyd on the example keys.json with made-up secrets (no real Gemini key).
+# Ctrl-C stops it cleanly.
 demo:
-	$(GO) run ./cmd/keyd --config keys.json --env-file example.env --socket /tmp/keyd-demo/keyd.sock --state-dir /tmp/keyd-demo/state
+	$(GO) build -o bin/ ./cmd/keyd ./cmd/keyctl
+	exec bin/keyd --config keys.json --env-file example.env --socket /tmp/keyd-demo/keyd.sock --state-dir /tmp/keyd-demo/state
 
 clean:
 	rm -rf bin
