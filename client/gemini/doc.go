@@ -46,6 +46,10 @@
 //     http.Client's Transport is nil or an *http.Transport; with any other
 //     Transport only a ctx already done before the call counts as never
 //     sent.
+//     - a report that cannot reach keyd (not running, e.g. restarting; the
+//     connection refused or reset) is resent, the same, with backoff for
+//     up to Options.ReportRetry (default 30s); keyd answers a repeat as a
+//     duplicate. The call waits for its report meanwhile.
 //
 // # Retries
 //

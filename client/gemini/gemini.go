@@ -4,11 +4,14 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"log/slog"
+	"net"
 	"net/http"
 	"os"
 	"path/filepath"
 	"sync"
+	"syscall"
 	"time"
 
 	"google.golang.org/genai"
@@ -24,6 +27,15 @@ const DefaultMaxAttempts = 3
 // reportTimeout bounds one report to keyd. Reports run even after the
 // caller's ctx ended: keyd must learn what the key's call did.
 const reportTimeout = 10 * time.Second
+
+// DefaultReportRetry is Options.ReportRetry when it is zero.
+const DefaultReportRetry = 30 * time.Second
+
+// Backoff between retries of a report that could not reach keyd.
+var (
+	reportRetryFirst = 100 * time.Millisecond
+	reportRetryMax   = 2 * time.Second
+)
 
 // leaseSlack is kept from ctx's deadline when computing a lease's wait_ms,
 // so that keyd answers no_capacity before ctx ends.
@@ -79,6 +91,13 @@ type Options struct {
 	// result stands; keyd frees the lease when it expires). Nil means
 	// slog.Default().
 	Logger *slog.Logger
+	// ReportRetry bounds the time spent retrying a report that failed
+	// because keyd could not be reached (not running, e.g. restarting, or
+	// the connection refused or reset). The same report is resent with
+	// backoff (100ms doubling to 2s); keyd answers a repeat as a duplicate.
+	// Other failures (an answer from keyd) are not retried. Zero means
+	// DefaultReportRetry; negative disables the retries.
+	ReportRetry time.Duration
 }
 
 // Generator calls Gemini with keys leased from keyd. It is safe for
@@ -106,6 +125,9 @@ func New(kc *client.Client, opts Options) *Generator {
 		opts.MaxAttempts = DefaultMaxAttempts
 	}
 	opts.Wait = min(max(opts.Wait, 0), api.MaxWait)
+	if opts.ReportRetry == 0 {
+		opts.ReportRetry = DefaultReportRetry
+	}
 	if opts.ClientName == "" && len(os.Args) > 0 {
 		opts.ClientName = filepath.Base(os.Args[0])
 	}
@@ -294,14 +316,47 @@ func (g *Generator) genaiClient(ctx context.Context, l *api.Lease) (*genai.Clien
 }
 
 // report tells keyd how the call under l went. It runs even when ctx is
-// done; a failure is logged, never returned.
+// done; a failure is logged, never returned. When keyd cannot be reached
+// (restarting, say) the same report is resent with backoff for up to
+// Options.ReportRetry.
 func (g *Generator) report(ctx context.Context, l *api.Lease, rep api.ReportRequest) {
-	rctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), reportTimeout)
-	defer cancel()
-	if _, err := g.kc.Report(rctx, l.LeaseID, rep); err != nil {
-		g.log.Warn("keyd: reporting a lease failed; keyd frees it when it expires",
-			"lease", l.LeaseID, "key", l.KeyID, "err", err)
+	total := max(g.opts.ReportRetry, 0)
+	octx, ocancel := context.WithTimeout(context.WithoutCancel(ctx), max(total, reportTimeout))
+	defer ocancel()
+	start := time.Now()
+	delay := reportRetryFirst
+	for tries := 1; ; tries++ {
+		rctx, cancel := context.WithTimeout(octx, reportTimeout)
+		_, err := g.kc.Report(rctx, l.LeaseID, rep)
+		cancel()
+		if err == nil {
+			return
+		}
+		if !unreachable(err) || time.Since(start)+delay > total || sleep(octx, delay) != nil {
+			g.log.Warn("keyd: reporting a lease failed; keyd frees it when it expires",
+				"lease", l.LeaseID, "key", l.KeyID, "tries", tries, "err", err)
+			return
+		}
+		delay = min(delay*2, reportRetryMax)
 	}
+}
+
+// unreachable reports whether err is a failure to reach keyd (not
+// running, connection refused, reset or closed) rather than an answer.
+func unreachable(err error) bool {
+	var ae *api.Error
+	switch {
+	case errors.As(err, &ae):
+		return false
+	case errors.Is(err, client.ErrNotRunning),
+		errors.Is(err, syscall.ECONNREFUSED), errors.Is(err, syscall.ECONNRESET),
+		errors.Is(err, syscall.ECONNABORTED), errors.Is(err, syscall.EPIPE),
+		errors.Is(err, syscall.ENOENT),
+		errors.Is(err, io.EOF), errors.Is(err, io.ErrUnexpectedEOF):
+		return true
+	}
+	var op *net.OpError
+	return errors.As(err, &op)
 }
 
 func (g *Generator) reportUnused(ctx context.Context, l *api.Lease) {

@@ -676,14 +676,20 @@ class KeyManager:
         (client_socket_path()).
     client_name: names this process in keyd's logs; default the script name.
     timeout: seconds to wait for an answer (a lease's ``wait`` is added).
+    report_retry: seconds for which a report that cannot reach keyd (not
+        running, e.g. restarting; the connection refused or reset) is
+        resent, with backoff from 0.1 s doubling to 2 s; keyd answers a
+        repeat as a duplicate. 0 disables the retries. Other failures (an
+        answer from keyd, a timeout) are not retried.
     """
 
-    def __init__(self, socket_path=None, client_name=None, timeout=30):
+    def __init__(self, socket_path=None, client_name=None, timeout=30, report_retry=30.0):
         self.socket_path = os.fspath(socket_path) if socket_path else client_socket_path()
         if client_name is None:
             client_name = os.path.basename(sys.argv[0] if sys.argv and sys.argv[0] else "") or "python"
         self.client_name = client_name
         self.timeout = float(timeout)
+        self.report_retry = max(float(report_retry or 0), 0.0)
         self._idle = []
         self._lock = threading.Lock()
         self._pid = os.getpid()
@@ -763,7 +769,8 @@ class KeyManager:
 
         Returns keyd's answer: a dict with lease_id, key_id, classification
         (success, rate_minute, rate_day, ...) and action. Reporting twice is
-        harmless (the answer then has duplicate=True).
+        harmless (the answer then has duplicate=True), so a report that
+        cannot reach keyd is resent for up to ``report_retry`` seconds.
         """
         lease_id = _lease_id_of(lease_id)
         if unused:
@@ -797,7 +804,17 @@ class KeyManager:
             if u is not None:
                 body["usage"] = u
         path = "/v1/leases/%s/report" % urllib.parse.quote(lease_id, safe="")
-        return self._do("POST", path, body)
+        start = time.monotonic()
+        delay = _REPORT_RETRY_FIRST
+        while True:
+            try:
+                return self._do("POST", path, body)
+            except KeydError as e:
+                if (not _unreachable(e)
+                        or time.monotonic() - start + delay > self.report_retry):
+                    raise
+            time.sleep(delay)
+            delay = min(delay * 2, _REPORT_RETRY_MAX)
 
     def report_and_reraise(self, lease, exc=None):
         """In an ``except`` block: report the exception being handled (or
@@ -948,6 +965,23 @@ class KeyManager:
                 raise KeydError("decoding keyd's answer to %s %s: %s" % (method, route, e),
                                 code="bad_response") from None
         raise AssertionError("unreachable")  # pragma: no cover
+
+
+# Backoff between retries of a report that could not reach keyd.
+_REPORT_RETRY_FIRST = 0.1
+_REPORT_RETRY_MAX = 2.0
+
+
+def _unreachable(e):
+    """Whether the KeydError e is a failure to reach keyd (not running, the
+    connection refused, reset or lost) rather than an answer or a timeout."""
+    if isinstance(e, NotRunning):
+        return True
+    if e.code != "transport_error" or e.status is not None:
+        return False
+    cause = e.__cause__
+    return (isinstance(cause, (OSError, http.client.HTTPException))
+            and not isinstance(cause, (socket.timeout, TimeoutError)))
 
 
 def _describe(e):

@@ -260,6 +260,101 @@ class UnitTests(unittest.TestCase):
             km.select_key(tokens_needed=5000)
         self.assertEqual(cm.exception.code, "bad_request")
 
+    def _fake_keyd(self, sock, status=200):
+        """Serve POST /v1/leases/{id}/report on the Unix socket sock,
+        answering status; returns (server, list of (path, body))."""
+        import http.server
+        import socketserver
+        got = []
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_POST(self):
+                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                got.append((self.path, json.loads(body)))
+                if status == 200:
+                    out = {"lease_id": "L1", "key_id": "k1", "classification": "rate_minute"}
+                    if len(got) > 1:
+                        out["duplicate"] = True
+                else:
+                    out = {"error": {"code": "bad_request", "message": "no"}}
+                data = json.dumps(out).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, *args):
+                pass
+
+        class Server(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
+            daemon_threads = True
+
+        srv = Server(sock, Handler)
+        threading.Thread(target=srv.serve_forever, daemon=True).start()
+        self.addCleanup(srv.server_close)
+        self.addCleanup(srv.shutdown)
+        return srv, got
+
+    def _short_socket(self):
+        d = tempfile.mkdtemp(prefix="kdr", dir="/tmp")
+        self.addCleanup(shutil.rmtree, d, True)
+        return os.path.join(d, "s")
+
+    def test_report_retried_while_keyd_restarts(self):
+        sock = self._short_socket()
+        started = {}
+
+        def later():
+            time.sleep(0.3)
+            started["srv"] = self._fake_keyd(sock)
+
+        t = threading.Thread(target=later)
+        t.start()
+        self.addCleanup(t.join)
+        km = KeyManager(socket_path=sock)
+        t0 = time.monotonic()
+        out = km.report("L1", status=429)
+        elapsed = time.monotonic() - t0
+        t.join()
+        km.close()
+        self.assertEqual(out["classification"], "rate_minute")
+        self.assertEqual(started["srv"][1], [("/v1/leases/L1/report", {"status": 429})])
+        self.assertGreaterEqual(elapsed, 0.25)
+        self.assertLess(elapsed, 5)
+
+    def test_report_retry_bounded_and_selective(self):
+        sock = self._short_socket()
+        km = KeyManager(socket_path=sock, report_retry=0.25)
+        t0 = time.monotonic()
+        with self.assertRaises(NotRunning):
+            km.report("L1", status=200)
+        self.assertLess(time.monotonic() - t0, 2)
+        # Disabled: one try.
+        t0 = time.monotonic()
+        with self.assertRaises(NotRunning):
+            KeyManager(socket_path=sock, report_retry=0).report("L1", status=200)
+        self.assertLess(time.monotonic() - t0, 0.1)
+        # An answer from keyd (4xx) is not retried.
+        _, got = self._fake_keyd(sock, status=400)
+        km = KeyManager(socket_path=sock)
+        with self.assertRaises(KeydError) as cm:
+            km.report("L1", status=200)
+        km.close()
+        self.assertEqual(cm.exception.status, 400)
+        self.assertEqual(len(got), 1)
+        # A reset connection is retried; a timeout is not.
+        e = KeydError("x", code="transport_error")
+        e.__cause__ = ConnectionResetError()
+        self.assertTrue(keyd_client._unreachable(e))
+        e.__cause__ = keyd_client.http.client.RemoteDisconnected()
+        self.assertTrue(keyd_client._unreachable(e))
+        e = KeydError("x", code="timeout")
+        e.__cause__ = socket.timeout()
+        self.assertFalse(keyd_client._unreachable(e))
+
     def test_python39_syntax(self):
         import ast
         for name in ("keyd_client.py", "test_keyd_client.py"):
@@ -694,7 +789,7 @@ class KeydTests(unittest.TestCase):
         self.assertEqual(len(set(ids)), 40)
 
     def test_failed_report_is_logged_not_raised(self):
-        km = KeyManager(socket_path=self.sock)
+        km = KeyManager(socket_path=self.sock, report_retry=0.2)
         with self.assertLogs("keyd_client", logging.WARNING) as logs:
             with self.assertRaises(ClientError):
                 with km.lease("gemini-2.5-flash-lite") as lease:
