@@ -138,6 +138,20 @@ func load(t *testing.T, k *keydProc, led *ledger, after time.Duration) {
 	t.Logf("kill -9 with about %d requests in flight", n)
 }
 
+// rpmUsed is the sum of every bucket's rpm use, from keyd's status.
+func rpmUsed(t *testing.T, ctx context.Context, c *client.Client, round int) int64 {
+	t.Helper()
+	st, err := c.Status(ctx)
+	if err != nil {
+		t.Fatalf("round %d: status: %v", round, err)
+	}
+	var used int64
+	for _, b := range st.Buckets {
+		used += b.RPM.Used
+	}
+	return used
+}
+
 // verify checks, against the restarted keyd, that everything in led
 // survived, and brings led up to date: after it, every lease is reported.
 func verify(t *testing.T, sock string, led *ledger, round int) {
@@ -150,14 +164,7 @@ func verify(t *testing.T, sock string, led *ledger, round int) {
 	// (c) every acknowledged grant still counts: the test is shorter than
 	// the 60 s window, so all of them are in it. And nothing counts twice:
 	// no more than were asked for.
-	st, err := c.Status(ctx)
-	if err != nil {
-		t.Fatalf("round %d: status: %v", round, err)
-	}
-	var used int64
-	for _, b := range st.Buckets {
-		used += b.RPM.Used
-	}
+	used := rpmUsed(t, ctx, c, round)
 	if used < int64(len(led.leases)) || used > int64(led.attempts) {
 		t.Errorf("round %d: rpm used over all buckets is %d after the restart; want between the %d acknowledged grants and the %d requests",
 			round, used, len(led.leases), led.attempts)

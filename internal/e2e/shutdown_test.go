@@ -205,14 +205,7 @@ func exact(t *testing.T, sock string, led *ledger, round int) {
 	defer c.CloseIdleConnections()
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
-	st, err := c.Status(ctx)
-	if err != nil {
-		t.Fatalf("round %d: status: %v", round, err)
-	}
-	var used int64
-	for _, b := range st.Buckets {
-		used += b.RPM.Used
-	}
+	used := rpmUsed(t, ctx, c, round)
 	if used != int64(len(led.leases)) {
 		t.Errorf("round %d: the buckets count %d grants after the restart; %d were acknowledged: %d granted leases never reached their caller",
 			round, used, len(led.leases), used-int64(len(led.leases)))
