@@ -1,7 +1,6 @@
 package gemini
 
 import (
-	"bytes"
 	"context"
 	"fmt"
 	"log/slog"
@@ -12,7 +11,6 @@ import (
 	"sort"
 	"strconv"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
@@ -22,6 +20,7 @@ import (
 	"github.com/keyd/keyd/client"
 	"github.com/keyd/keyd/internal/daemon"
 	"github.com/keyd/keyd/internal/fakegemini"
+	"github.com/keyd/keyd/internal/testutil"
 )
 
 // TestMain fails the run on leaked goroutines. genai's dependencies start
@@ -39,23 +38,6 @@ func secretOf(id string) string {
 	return s + strings.Repeat("x", 39-len(s))
 }
 
-type syncBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (s *syncBuffer) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
-func (s *syncBuffer) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.String()
-}
-
 // world is a real keyd (run in-process, as internal/daemon's tests do), a
 // fakegemini on a loopback httptest server, and a Generator between them.
 type world struct {
@@ -63,8 +45,8 @@ type world struct {
 	fake  *fakegemini.Server
 	hs    *httptest.Server
 	g     *Generator
-	log   *syncBuffer // keyd's log, at debug
-	glog  *syncBuffer // the Generator's log
+	log   *testutil.SyncBuffer // keyd's log, at debug
+	glog  *testutil.SyncBuffer // the Generator's log
 	model string
 }
 
@@ -73,7 +55,7 @@ type world struct {
 // HTTPClient and Logger filled in when empty).
 func setup(t *testing.T, keysJSON string, ids []string, fcfg fakegemini.Config, opts Options) *world {
 	t.Helper()
-	w := &world{log: &syncBuffer{}, glog: &syncBuffer{}, model: flash}
+	w := &world{log: &testutil.SyncBuffer{}, glog: &testutil.SyncBuffer{}, model: flash}
 	dir, err := os.MkdirTemp("", "kg")
 	if err != nil {
 		t.Fatal(err)

@@ -16,6 +16,7 @@ import (
 
 	"github.com/keyd/keyd/api"
 	"github.com/keyd/keyd/client"
+	"github.com/keyd/keyd/internal/testutil"
 )
 
 // fakeReports serves keyd's report route on a Unix socket, answering with
@@ -68,7 +69,7 @@ func TestReportRetriedWhileKeydRestarts(t *testing.T) {
 	sock := shortSocket(t)
 	var f fakeReports
 	time.AfterFunc(300*time.Millisecond, func() { f.serve(t, sock, http.StatusOK) })
-	var logs syncBuffer
+	var logs testutil.SyncBuffer
 	g := New(client.New(sock), Options{Logger: slog.New(slog.NewTextHandler(&logs, nil))})
 	ctx, cancel := context.WithCancel(context.Background())
 	cancel() // reports run detached from the caller's ctx
@@ -88,7 +89,7 @@ func TestReportRetriedWhileKeydRestarts(t *testing.T) {
 
 func TestReportRetryGivesUp(t *testing.T) {
 	sock := shortSocket(t)
-	var logs syncBuffer
+	var logs testutil.SyncBuffer
 	g := New(client.New(sock), Options{ReportRetry: 250 * time.Millisecond, Logger: slog.New(slog.NewTextHandler(&logs, nil))})
 	start := time.Now()
 	g.report(context.Background(), &api.Lease{LeaseID: "L1", KeyID: "k1"}, api.ReportRequest{Status: 200})
@@ -104,7 +105,7 @@ func TestReportNotRetriedOnKeydAnswer(t *testing.T) {
 	sock := shortSocket(t)
 	var f fakeReports
 	f.serve(t, sock, http.StatusBadRequest)
-	var logs syncBuffer
+	var logs testutil.SyncBuffer
 	g := New(client.New(sock), Options{Logger: slog.New(slog.NewTextHandler(&logs, nil))})
 	g.report(context.Background(), &api.Lease{LeaseID: "L1", KeyID: "k1"}, api.ReportRequest{Status: 200})
 	if got := f.got(); len(got) != 1 {
@@ -117,7 +118,7 @@ func TestReportNotRetriedOnKeydAnswer(t *testing.T) {
 
 func TestReportRetryDisabled(t *testing.T) {
 	sock := shortSocket(t)
-	var logs syncBuffer
+	var logs testutil.SyncBuffer
 	g := New(client.New(sock), Options{ReportRetry: -1, Logger: slog.New(slog.NewTextHandler(&logs, nil))})
 	g.report(context.Background(), &api.Lease{LeaseID: "L1", KeyID: "k1"}, api.ReportRequest{Status: 200})
 	if !strings.Contains(logs.String(), "tries=1 ") {

@@ -15,25 +15,9 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/keyd/keyd/internal/testutil"
 )
-
-// syncBuffer is a bytes.Buffer safe for a writer and a reader goroutine.
-type syncBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (s *syncBuffer) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
-func (s *syncBuffer) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.String()
-}
 
 const testConfig = `{
   "keys": [{"key": "k1", "project": "p1"}, {"key": "k2", "project": "p1"}, {"key": "leaky", "project": "p1", "state": "leaked"}],
@@ -45,11 +29,11 @@ const testConfig = `{
 
 // start runs the command in-process and returns its base URL, a stop
 // function returning the exit status, and its stderr.
-func start(t *testing.T, args ...string) (string, func() int, *syncBuffer) {
+func start(t *testing.T, args ...string) (string, func() int, *testutil.SyncBuffer) {
 	t.Helper()
 	ctx, cancel := context.WithCancel(context.Background())
 	pr, pw := io.Pipe()
-	stderr := &syncBuffer{}
+	stderr := &testutil.SyncBuffer{}
 	done := make(chan int, 1)
 	go func() {
 		done <- run(ctx, args, pw, stderr)
@@ -216,7 +200,7 @@ func TestSignal(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		var stderr syncBuffer
+		var stderr testutil.SyncBuffer
 		cmd.Stderr = &stderr
 		if err := cmd.Start(); err != nil {
 			t.Fatal(err)

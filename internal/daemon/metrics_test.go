@@ -20,6 +20,7 @@ import (
 	"github.com/keyd/keyd/api"
 	"github.com/keyd/keyd/internal/config"
 	"github.com/keyd/keyd/internal/store"
+	"github.com/keyd/keyd/internal/testutil"
 )
 
 // metricsKeys: k1 serves m in p1 (rpm 2, rpd 10); nosecret1 serves m2 in
@@ -443,7 +444,7 @@ func TestLogFlags(t *testing.T) {
 // verdict that changes nothing, and never a secret.
 func TestStateChangesAreLogged(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
-		var logs syncBuffer
+		var logs testutil.SyncBuffer
 		p := newPool(&memStore{}, time.Now, slog.New(slog.NewTextHandler(&logs, nil)))
 		p.mu.Lock()
 		p.apply(testConfig(t, `{"keys":[

@@ -20,6 +20,7 @@ import (
 	"go.uber.org/goleak"
 
 	"github.com/keyd/keyd/api"
+	"github.com/keyd/keyd/internal/testutil"
 )
 
 func TestMain(m *testing.M) { goleak.VerifyTestMain(m) }
@@ -29,25 +30,8 @@ func TestMain(m *testing.M) { goleak.VerifyTestMain(m) }
 type testDaemon struct {
 	socket, dir string
 	http        *http.Client
-	log         *syncBuffer
+	log         *testutil.SyncBuffer
 	stop        func() error
-}
-
-type syncBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (s *syncBuffer) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
-func (s *syncBuffer) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.String()
 }
 
 // shortDir is a temp dir whose paths fit a Unix socket address.
@@ -88,7 +72,7 @@ func startDaemonWith(t testing.TB, keysJSON string, opt func(*Options)) *testDae
 	if err := os.WriteFile(filepath.Join(dir, ".env"), []byte(env.String()), 0o600); err != nil {
 		t.Fatal(err)
 	}
-	d := &testDaemon{socket: filepath.Join(dir, "s.sock"), dir: dir, log: &syncBuffer{}}
+	d := &testDaemon{socket: filepath.Join(dir, "s.sock"), dir: dir, log: &testutil.SyncBuffer{}}
 	ctx, cancel := context.WithCancel(context.Background())
 	ready := make(chan struct{})
 	done := make(chan error, 1)

@@ -11,6 +11,7 @@ import (
 
 	"github.com/keyd/keyd/api"
 	"github.com/keyd/keyd/client"
+	"github.com/keyd/keyd/internal/testutil"
 )
 
 // TestSocketActivation passes keyd its listening socket the way systemd's
@@ -40,7 +41,7 @@ func TestSocketActivation(t *testing.T) {
 		cmd := exec.Command("sh", "-c", `LISTEN_PID=$$ LISTEN_FDS=1 exec keyd "$@"`, "sh",
 			"--config", cfg, "--state-dir", filepath.Join(dir, "state"), "--socket", sock+".unused")
 		cmd.ExtraFiles = []*os.File{f}
-		log := &syncBuffer{}
+		log := &testutil.SyncBuffer{}
 		cmd.Stdout, cmd.Stderr = log, log
 		if err := cmd.Start(); err != nil {
 			t.Fatal(err)

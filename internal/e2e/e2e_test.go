@@ -1,7 +1,6 @@
 package e2e
 
 import (
-	"bytes"
 	"context"
 	"errors"
 	"fmt"
@@ -11,7 +10,6 @@ import (
 	"regexp"
 	"strconv"
 	"strings"
-	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -22,6 +20,7 @@ import (
 	"github.com/keyd/keyd/client"
 	"github.com/keyd/keyd/internal/daemon"
 	"github.com/keyd/keyd/internal/keyctl"
+	"github.com/keyd/keyd/internal/testutil"
 )
 
 // TestMain makes this test binary keyd and keyctl too: testscript.Main
@@ -123,31 +122,12 @@ func cmdStdoutToEnv(ts *testscript.TestScript, neg bool, args []string) {
 	ts.Setenv(args[0], m[1])
 }
 
-// syncBuffer is a bytes.Buffer safe for a process writing while a test
-// reads.
-type syncBuffer struct {
-	mu  sync.Mutex
-	buf bytes.Buffer
-}
-
-func (b *syncBuffer) Write(p []byte) (int, error) {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.buf.Write(p)
-}
-
-func (b *syncBuffer) String() string {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.buf.String()
-}
-
 // keydProc is a keyd process started by a plain Go test.
 type keydProc struct {
 	t    testing.TB
 	cmd  *exec.Cmd
 	sock string
-	log  *syncBuffer // keyd's stderr: its log
+	log  *testutil.SyncBuffer // keyd's stderr: its log
 	done chan struct{}
 	err  error // cmd.Wait's, once done is closed
 }
@@ -156,7 +136,7 @@ type keydProc struct {
 // answers on sock. The process is killed at cleanup if still running.
 func startKeyd(t testing.TB, sock string, args ...string) *keydProc {
 	t.Helper()
-	k := &keydProc{t: t, sock: sock, log: &syncBuffer{}, done: make(chan struct{})}
+	k := &keydProc{t: t, sock: sock, log: &testutil.SyncBuffer{}, done: make(chan struct{})}
 	k.cmd = exec.Command("keyd", append(args, "--socket", sock)...)
 	k.cmd.Stdout = k.log
 	k.cmd.Stderr = k.log

@@ -25,6 +25,7 @@ import (
 	"github.com/keyd/keyd/api"
 	"github.com/keyd/keyd/client"
 	"github.com/keyd/keyd/internal/fakegemini"
+	"github.com/keyd/keyd/internal/testutil"
 )
 
 // The pool of TestPool: 3 projects, 8 keys, one of them invalid. The fake
@@ -128,7 +129,7 @@ type poolRun struct {
 	dir, sock string
 	keydArgs  []string
 	keyd      *keydProc
-	keydLogs  []*syncBuffer // of each keyd process
+	keydLogs  []*testutil.SyncBuffer // of each keyd process
 	fake      *fakegemini.Server
 	srv       *httptest.Server
 	gens      []*genProc
@@ -391,7 +392,7 @@ type genProc struct {
 	name, lang string
 	cmd        *exec.Cmd
 	stdin      io.WriteCloser
-	stderr     *syncBuffer
+	stderr     *testutil.SyncBuffer
 	ready      chan struct{}
 	done       chan struct{}
 	err        error
@@ -445,7 +446,7 @@ func (r *poolRun) startGenerators() {
 	}
 	for i := range 8 {
 		lang := []string{"go", "py"}[i%2]
-		g := &genProc{name: fmt.Sprintf("%s%d", lang, i/2+1), lang: lang, stderr: &syncBuffer{},
+		g := &genProc{name: fmt.Sprintf("%s%d", lang, i/2+1), lang: lang, stderr: &testutil.SyncBuffer{},
 			ready: make(chan struct{}), done: make(chan struct{})}
 		if lang == "go" {
 			g.cmd = exec.Command(gen)

@@ -18,6 +18,7 @@ import (
 
 	"github.com/keyd/keyd/api"
 	"github.com/keyd/keyd/client"
+	"github.com/keyd/keyd/internal/testutil"
 )
 
 // Reloads against a real keyd: the file watcher (internal/watch), SIGHUP
@@ -887,7 +888,7 @@ func TestReloadEditDuringStart(t *testing.T) {
 	writeFile(t, cfg, oneKey(10))
 	writeFile(t, env, "GEMINI_KEY_a=AIzaFAKE-start-a\n")
 	sock := filepath.Join(shortTempDir(t, "kes"), "s.sock")
-	k := &keydProc{t: t, sock: sock, log: &syncBuffer{}, done: make(chan struct{})}
+	k := &keydProc{t: t, sock: sock, log: &testutil.SyncBuffer{}, done: make(chan struct{})}
 	k.cmd = exec.Command("keyd", "--config", cfg, "--env-file", env, "--state-dir", filepath.Join(dir, "state"), "--socket", sock)
 	k.cmd.Stdout, k.cmd.Stderr = k.log, k.log
 	if err := k.cmd.Start(); err != nil {
