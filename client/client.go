@@ -85,51 +85,31 @@ func (c *Client) CloseIdleConnections() { c.hc.CloseIdleConnections() }
 // waits up to req.WaitMS for capacity, then fails with an *api.Error of
 // code api.CodeNoCapacity (see IsNoCapacity).
 func (c *Client) Lease(ctx context.Context, req api.LeaseRequest) (*api.Lease, error) {
-	var out api.Lease
-	if err := c.do(ctx, http.MethodPost, api.RouteLeases, req, &out); err != nil {
-		return nil, err
-	}
-	return &out, nil
+	return call[api.Lease](ctx, c, http.MethodPost, api.RouteLeases, req)
 }
 
 // Report tells keyd how the call made under lease leaseID went. Reporting
 // a lease twice is harmless: the answer then has Duplicate set.
 func (c *Client) Report(ctx context.Context, leaseID string, rep api.ReportRequest) (*api.ReportResponse, error) {
-	var out api.ReportResponse
 	path := api.RouteLeaseID + url.PathEscape(leaseID) + "/report"
-	if err := c.do(ctx, http.MethodPost, path, rep, &out); err != nil {
-		return nil, err
-	}
-	return &out, nil
+	return call[api.ReportResponse](ctx, c, http.MethodPost, path, rep)
 }
 
 // Status returns keyd's configuration, keys and buckets. It holds no secret.
 func (c *Client) Status(ctx context.Context) (*api.Status, error) {
-	var out api.Status
-	if err := c.do(ctx, http.MethodGet, api.RouteStatus, nil, &out); err != nil {
-		return nil, err
-	}
-	return &out, nil
+	return call[api.Status](ctx, c, http.MethodGet, api.RouteStatus, nil)
 }
 
 // Health returns keyd's health summary.
 func (c *Client) Health(ctx context.Context) (*api.Health, error) {
-	var out api.Health
-	if err := c.do(ctx, http.MethodGet, api.RouteHealth, nil, &out); err != nil {
-		return nil, err
-	}
-	return &out, nil
+	return call[api.Health](ctx, c, http.MethodGet, api.RouteHealth, nil)
 }
 
 // Reload makes keyd reload its configuration and returns the outcome. A
 // configuration that fails to load is an *api.Error of code
 // api.CodeReloadFailed; keyd then keeps running the old one.
 func (c *Client) Reload(ctx context.Context) (*api.ReloadResponse, error) {
-	var out api.ReloadResponse
-	if err := c.do(ctx, http.MethodPost, api.RouteReload, nil, &out); err != nil {
-		return nil, err
-	}
-	return &out, nil
+	return call[api.ReloadResponse](ctx, c, http.MethodPost, api.RouteReload, nil)
 }
 
 // Key actions for KeyAction.
@@ -142,12 +122,8 @@ const (
 // KeyAction applies action (ActionDisable, ActionEnable or ActionReset) to
 // the key keyID and returns the key's new state.
 func (c *Client) KeyAction(ctx context.Context, keyID, action string) (*api.KeyActionResponse, error) {
-	var out api.KeyActionResponse
 	path := api.RouteKeys + url.PathEscape(keyID) + "/" + url.PathEscape(action)
-	if err := c.do(ctx, http.MethodPost, path, nil, &out); err != nil {
-		return nil, err
-	}
-	return &out, nil
+	return call[api.KeyActionResponse](ctx, c, http.MethodPost, path, nil)
 }
 
 // Usage returns the hourly usage history since the given time (the zero
@@ -165,11 +141,7 @@ func (c *Client) Usage(ctx context.Context, since time.Time, keyID string) (*api
 	if len(q) > 0 {
 		path += "?" + q.Encode()
 	}
-	var out api.UsageResponse
-	if err := c.do(ctx, http.MethodGet, path, nil, &out); err != nil {
-		return nil, err
-	}
-	return &out, nil
+	return call[api.UsageResponse](ctx, c, http.MethodGet, path, nil)
 }
 
 // Wait polls Health until keyd answers, and returns nil then. It keeps
@@ -210,6 +182,15 @@ func (c *Client) Wait(ctx context.Context) error {
 }
 
 // do sends one request and decodes a 2xx answer into out.
+// call does one request and decodes its answer into a new T.
+func call[T any](ctx context.Context, c *Client, method, path string, in any) (*T, error) {
+	out := new(T)
+	if err := c.do(ctx, method, path, in, out); err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 func (c *Client) do(ctx context.Context, method, path string, in, out any) error {
 	var body io.Reader
 	if in != nil {
