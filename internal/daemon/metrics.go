@@ -310,7 +310,7 @@ func (p *pool) writeMetrics(buf *bytes.Buffer, version string) {
 	}
 
 	if h := p.m.storeCommit; h != nil {
-		w.help("keyd_store_commit_seconds", "histogram", "Duration of the store's write transactions, fsync included; one transaction carries every batch pending when it starts.")
+		w.help("keyd_store_commit_seconds", "histogram", "Duration of the store's commits (one write-ahead log record and its fdatasync each); one commit carries every batch pending when it starts.")
 		w.histogram("keyd_store_commit_seconds", h)
 	}
 }

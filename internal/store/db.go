@@ -2,6 +2,7 @@ package store
 
 import (
 	"bytes"
+	"cmp"
 	"context"
 	"encoding/binary"
 	"encoding/json"
@@ -34,10 +35,10 @@ const PIDFileName = "keyd.pid"
 // its before argument.
 const dayRetention = 3
 
-// maxGroup bounds the number of batches in one transaction.
+// maxGroup bounds the number of batches in one log record.
 const maxGroup = 1024
 
-// maxKeptBuf bounds the value buffer the writer keeps between transactions.
+// maxKeptBuf bounds the capacity hint for a log record's buffer.
 const maxKeptBuf = 1 << 20
 
 // Options configures Open. The zero value is ready to use.
@@ -46,15 +47,23 @@ type Options struct {
 	// holds it. Zero means DefaultLockTimeout.
 	Timeout time.Duration
 	// Logf receives rare diagnostics: a pid file that could not be written
-	// or removed, a transaction that took more than a second. Nil
-	// discards them. It is called from the writer goroutine as well as
-	// from Open and Close.
+	// or removed, a commit that took more than a second, log records
+	// recovered at Open, a failed log write or checkpoint. Nil discards
+	// them. It is called from the writer goroutine as well as from Open
+	// and Close.
 	Logf func(format string, args ...any)
 	// OnCommit, when set, is called by the writer goroutine after each
-	// transaction, failed or not, with how long it took (fsync included):
+	// log record, failed or not, with how long it took (fsync included):
 	// keyd's commit-latency histogram. It must return quickly, as the next
-	// transaction waits for it.
+	// record waits for it.
 	OnCommit func(took time.Duration)
+
+	// CheckpointBytes, CheckpointInterval and MaxSegmentBytes tune the
+	// write-ahead log (see wal.go); zero means DefaultCheckpointBytes,
+	// DefaultCheckpointInterval and DefaultMaxSegmentBytes.
+	CheckpointBytes    int
+	CheckpointInterval time.Duration
+	MaxSegmentBytes    int64
 }
 
 // LockedError is returned by Open when another process holds the
@@ -98,8 +107,9 @@ func (e *SchemaError) Unwrap() error { return ErrNewerSchema }
 // Stats counts the work of the group-commit writer since Open.
 type Stats struct {
 	Commits      uint64 // batches made durable
-	Transactions uint64 // transactions (fsyncs) that carried them
-	Failed       uint64 // batches whose transaction failed
+	Transactions uint64 // log records (one write and one fdatasync each) that carried them
+	Failed       uint64 // batches whose record failed
+	Checkpoints  uint64 // bbolt transactions that moved log records into keyd.db
 }
 
 // Bucket names and the schema key.
@@ -140,19 +150,33 @@ type DB struct {
 	closeOnce sync.Once
 	closeErr  error
 
-	commits, txs, failed atomic.Uint64
+	commits, txs, failed, checkpoints atomic.Uint64
 
-	// Owned by the writer goroutine, reused across transactions.
-	key  []byte // scratch for building keys (bbolt copies keys)
-	buf  []byte // values of the current transaction
-	rows rows   // usage and day rows gathered over the current transaction
-}
+	// Owned by the writer goroutine (and by Open before it starts).
+	segs       [2]*segment
+	active     int      // the segment appended to
+	off        int64    // where the next record goes in it
+	seq        uint64   // the last record written (or applied, after Open)
+	cur        *pending // the records of the active segment's pass
+	enc        encoder
+	recCap     int   // capacity hint for the next record's buffer
+	broken     error // set once a log write failed; see errLogBroken
+	waiting    []*request
+	ckptDone   chan *ckptJob
+	ckptBytes  int
+	ckptEvery  time.Duration
+	maxSegment int64
+	// ckptRunning: a job runs in the background; retry: the pendings of a
+	// failed checkpoint, whose segment stays in use until they are in
+	// keyd.db.
+	ckptRunning bool
+	retry       []*pending
+	retryErr    error
+	retryAt     time.Time
+	finishErr   error // what the last checkpoint at Close failed with
 
-// request is one Commit waiting for the writer. done is buffered so the
-// writer never blocks answering a caller that stopped waiting.
-type request struct {
-	b    *Batch
-	done chan error
+	// stallHook, set only by tests, runs in the writer before each group.
+	stallHook atomic.Pointer[func()]
 }
 
 var requestPool = sync.Pool{New: func() any { return &request{done: make(chan error, 1)} }}
@@ -195,6 +219,20 @@ func Open(dir string, opts Options) (*DB, error) {
 		bdb.Close()
 		return nil, err
 	}
+	segs, err := openSegments(dir)
+	if err != nil {
+		bdb.Close()
+		return nil, err
+	}
+	seq, n, err := recoverLog(bdb, segs)
+	if err != nil {
+		closeSegments(segs)
+		bdb.Close()
+		return nil, fmt.Errorf("recovering %s: %w", path, err)
+	}
+	if n > 0 {
+		logf("store: applied %d write-ahead log records (up to %d) to %s", n, seq, path)
+	}
 	db := &DB{
 		bolt:       bdb,
 		dir:        dir,
@@ -203,6 +241,14 @@ func Open(dir string, opts Options) (*DB, error) {
 		onCommit:   opts.OnCommit,
 		reqs:       make(chan *request, 256),
 		writerDone: make(chan struct{}),
+		segs:       segs,
+		seq:        seq,
+		cur:        newPending(),
+		recCap:     4 << 10,
+		ckptDone:   make(chan *ckptJob, 1),
+		ckptBytes:  cmp.Or(opts.CheckpointBytes, DefaultCheckpointBytes),
+		ckptEvery:  cmp.Or(opts.CheckpointInterval, DefaultCheckpointInterval),
+		maxSegment: cmp.Or(opts.MaxSegmentBytes, DefaultMaxSegmentBytes),
 	}
 	pidPath := filepath.Join(dir, PIDFileName)
 	if err := writePIDFile(pidPath); err != nil {
@@ -271,14 +317,16 @@ func initSchema(bdb *bolt.DB, path string) error {
 	if version > SchemaVersion {
 		return &SchemaError{Path: path, Version: version}
 	}
-	// Future migrations from version to SchemaVersion go here.
+	// Version 1 had no write-ahead log: its meta/log_seq is absent, read
+	// as 0, which is all the migration to 2 needs. Future migrations go
+	// here.
 	err = bdb.Update(func(tx *bolt.Tx) error {
 		for _, name := range allBuckets {
 			if _, err := tx.CreateBucketIfNotExists(name); err != nil {
 				return err
 			}
 		}
-		if version == 0 {
+		if version < SchemaVersion {
 			return tx.Bucket(bucketMeta).Put(keySchema, []byte(strconv.Itoa(SchemaVersion)))
 		}
 		return nil
@@ -289,20 +337,21 @@ func initSchema(bdb *bolt.DB, path string) error {
 	return nil
 }
 
-// Commit makes b durable: it returns nil once a transaction carrying b
-// has been committed and fsynced. Concurrent Commits share transactions
+// Commit makes b durable: it returns nil once the log record carrying b
+// has been written and fdatasynced. Concurrent Commits share records
 // (group commit); batches are applied in the order they were enqueued, so
 // the Commits of one goroutine are applied in call order. Within one
 // Batch, puts are applied before deletes, in the order of the Batch's
-// fields (leases, buckets, keys, days, usage). The day counts and usage
-// deltas of one transaction are merged per row (the last count wins, the
-// deltas add up) and written once each at its end, which stores what
-// writing them batch by batch would.
+// fields (leases, buckets, keys, days, usage). What reaches keyd.db is the
+// net effect: the last value of each row, usage deltas added up.
 //
-// If the transaction fails, every batch in it gets the error and none of
-// them is applied. A batch that cannot be stored (an empty ID, a NUL in a
-// name, a time outside years 0-9999) is refused with an error before it is
-// enqueued, so it cannot fail the others.
+// If the record cannot be written, every batch in it gets the error and
+// the log stops: every later Commit fails too (errLogBroken), because
+// after a failed write or fsync the file's contents are unknown; keyd
+// must restart, and recovers what is on disk. A batch that cannot be
+// stored (an empty ID, a NUL in a name, a time outside years 0-9999) is
+// refused with an error before it is enqueued, so it cannot fail the
+// others.
 //
 // ctx only bounds the wait. If ctx is done before b is enqueued, Commit
 // returns ctx.Err() and b is not applied. If ctx ends while b is queued
@@ -445,272 +494,6 @@ func checkNames(names ...string) error {
 	return nil
 }
 
-// run is the writer goroutine: it takes every pending request, commits
-// them in one transaction and answers them all. It returns once reqs is
-// closed and drained.
-func (db *DB) run() {
-	defer close(db.writerDone)
-	group := make([]*request, 0, 64)
-	for {
-		r, ok := <-db.reqs
-		if !ok {
-			return
-		}
-		group = append(group[:0], r)
-	drain:
-		for len(group) < maxGroup {
-			select {
-			case r, ok := <-db.reqs:
-				if !ok {
-					break drain
-				}
-				group = append(group, r)
-			default:
-				break drain
-			}
-		}
-		err := db.commitGroup(group)
-		if err != nil {
-			err = fmt.Errorf("committing to %s: %w", db.path, err)
-		}
-		for i, r := range group {
-			r.done <- err // r belongs to its caller from here on
-			group[i] = nil
-		}
-	}
-}
-
-func (db *DB) commitGroup(group []*request) error {
-	start := time.Now()
-	err := db.bolt.Update(func(tx *bolt.Tx) error {
-		w := writer{tx: tx, key: db.key, buf: db.buf[:0], rows: &db.rows}
-		w.rows.reset()
-		defer func() {
-			db.key = w.key
-			if cap(w.buf) <= maxKeptBuf {
-				db.buf = w.buf[:0]
-			} else {
-				db.buf = nil
-			}
-		}()
-		for _, r := range group {
-			if err := w.apply(r.b); err != nil {
-				return err
-			}
-		}
-		return w.flush()
-	})
-	d := time.Since(start)
-	if d > time.Second {
-		db.logf("store: a commit of %d batches took %v", len(group), d.Round(time.Millisecond))
-	}
-	if db.onCommit != nil {
-		db.onCommit(d)
-	}
-	db.txs.Add(1)
-	if err != nil {
-		db.failed.Add(uint64(len(group)))
-		if errors.Is(err, berrors.ErrDatabaseNotOpen) {
-			return ErrClosed
-		}
-		return err
-	}
-	db.commits.Add(uint64(len(group)))
-	return nil
-}
-
-// writer applies batches inside one read-write transaction.
-type writer struct {
-	tx  *bolt.Tx
-	key []byte // the key being built; bbolt copies keys
-	// buf holds the values put in this transaction, which bbolt requires
-	// to stay valid until it ends. Each value is a sub-slice; when append
-	// moves buf, earlier values keep the old array alive.
-	buf []byte
-	// rows gathers the day counts and usage deltas of all the batches,
-	// which flush writes once per row: a group of grants on one bucket
-	// puts its day row and adds to its usage row once, not once each.
-	rows *rows
-
-	leases, buckets, keys, days, usageBkt *bolt.Bucket
-}
-
-// rows are the day counts (last one wins) and usage deltas (summed) of
-// one transaction, by key, in first-seen order.
-type rows struct {
-	index map[string]int // 'd' or 'u', NUL, row key → position in days or usage
-	days  []dayRow
-	usage []usageRow
-}
-
-type dayRow struct {
-	key string
-	d   Day
-}
-
-type usageRow struct {
-	key string
-	c   counters
-}
-
-func (r *rows) reset() {
-	if r.index == nil {
-		r.index = map[string]int{}
-	}
-	clear(r.index)
-	clear(r.days)
-	clear(r.usage)
-	r.days, r.usage = r.days[:0], r.usage[:0]
-}
-
-// put stores buf[start:] under w.key.
-func (w *writer) put(bk *bolt.Bucket, start int) error {
-	return bk.Put(w.key, w.buf[start:len(w.buf):len(w.buf)])
-}
-
-func (w *writer) bucket(p **bolt.Bucket, name []byte) (*bolt.Bucket, error) {
-	if *p == nil {
-		*p = w.tx.Bucket(name)
-		if *p == nil {
-			return nil, fmt.Errorf("bucket %q missing", name)
-		}
-	}
-	return *p, nil
-}
-
-func (w *writer) apply(b *Batch) error {
-	if len(b.Leases)+len(b.DeleteLeases) > 0 {
-		bk, err := w.bucket(&w.leases, bucketLeases)
-		if err != nil {
-			return err
-		}
-		for i := range b.Leases {
-			w.key = append(w.key[:0], b.Leases[i].ID...)
-			start := len(w.buf)
-			var err error
-			if w.buf, err = appendLease(w.buf, &b.Leases[i]); err != nil {
-				return fmt.Errorf("lease %q: %w", b.Leases[i].ID, err)
-			}
-			if err := w.put(bk, start); err != nil {
-				return err
-			}
-		}
-		for _, id := range b.DeleteLeases {
-			w.key = append(w.key[:0], id...)
-			if err := bk.Delete(w.key); err != nil {
-				return err
-			}
-		}
-	}
-	if len(b.Buckets)+len(b.DeleteBuckets) > 0 {
-		bk, err := w.bucket(&w.buckets, bucketBuckets)
-		if err != nil {
-			return err
-		}
-		for i := range b.Buckets {
-			x := &b.Buckets[i]
-			w.key = appendNames(w.key[:0], x.Project, x.Model)
-			if err := putJSON(bk, w.key, x); err != nil {
-				return err
-			}
-		}
-		for _, x := range b.DeleteBuckets {
-			w.key = appendNames(w.key[:0], x.Project, x.Model)
-			if err := bk.Delete(w.key); err != nil {
-				return err
-			}
-		}
-	}
-	if len(b.Keys)+len(b.DeleteKeys) > 0 {
-		bk, err := w.bucket(&w.keys, bucketKeys)
-		if err != nil {
-			return err
-		}
-		for i := range b.Keys {
-			w.key = append(w.key[:0], b.Keys[i].KeyID...)
-			if err := putJSON(bk, w.key, &b.Keys[i]); err != nil {
-				return err
-			}
-		}
-		for _, id := range b.DeleteKeys {
-			w.key = append(w.key[:0], id...)
-			if err := bk.Delete(w.key); err != nil {
-				return err
-			}
-		}
-	}
-	for i := range b.Days {
-		x := &b.Days[i]
-		w.key = append(w.key[:0], 'd', 0)
-		w.key = appendNames(w.key, x.Project, x.Model, x.Day)
-		if j, ok := w.rows.index[string(w.key)]; ok {
-			w.rows.days[j].d = *x
-		} else {
-			k := string(w.key)
-			w.rows.index[k] = len(w.rows.days)
-			w.rows.days = append(w.rows.days, dayRow{key: k[2:], d: *x})
-		}
-	}
-	for i := range b.Usage {
-		d := &b.Usage[i]
-		w.key = append(w.key[:0], 'u', 0)
-		w.key = appendHour(w.key, d.Hour)
-		w.key = appendNames(w.key, d.Project, d.Model, d.KeyID)
-		j, ok := w.rows.index[string(w.key)]
-		if !ok {
-			k := string(w.key)
-			j = len(w.rows.usage)
-			w.rows.index[k] = j
-			w.rows.usage = append(w.rows.usage, usageRow{key: k[2:]})
-		}
-		w.rows.usage[j].c.add(&counters{Requests: d.Requests, PromptTokens: d.PromptTokens,
-			OutputTokens: d.OutputTokens, RateMinute: d.RateMinute, RateDay: d.RateDay,
-			Other429: d.Other429, Errors: d.Errors, Unused: d.Unused})
-	}
-	return nil
-}
-
-// flush writes the day and usage rows gathered by apply.
-func (w *writer) flush() error {
-	if len(w.rows.days) > 0 {
-		bk, err := w.bucket(&w.days, bucketDays)
-		if err != nil {
-			return err
-		}
-		for i := range w.rows.days {
-			x := &w.rows.days[i]
-			w.key = append(w.key[:0], x.key...)
-			start := len(w.buf)
-			w.buf = appendDay(w.buf, &x.d)
-			if err := w.put(bk, start); err != nil {
-				return err
-			}
-		}
-	}
-	if len(w.rows.usage) > 0 {
-		bk, err := w.bucket(&w.usageBkt, bucketUsage)
-		if err != nil {
-			return err
-		}
-		for i := range w.rows.usage {
-			if err := w.addUsage(bk, &w.rows.usage[i]); err != nil {
-				return err
-			}
-		}
-	}
-	return nil
-}
-
-// putJSON stores v's JSON under key. json.Marshal returns a fresh slice,
-// which bbolt requires to stay valid until the transaction ends.
-func putJSON(bk *bolt.Bucket, key []byte, v any) error {
-	val, err := json.Marshal(v)
-	if err != nil {
-		return err
-	}
-	return bk.Put(key, val)
-}
-
 // counters is the value of a usage row; its key holds hour and names.
 type counters struct {
 	Requests     int64 `json:"requests,omitempty"`
@@ -733,21 +516,6 @@ func (c *counters) add(d *counters) {
 	c.Other429 += d.Other429
 	c.Errors += d.Errors
 	c.Unused += d.Unused
-}
-
-// addUsage adds the deltas summed in u to the stored row.
-func (w *writer) addUsage(bk *bolt.Bucket, u *usageRow) error {
-	w.key = append(w.key[:0], u.key...)
-	var c counters
-	if old := bk.Get(w.key); old != nil {
-		if err := json.Unmarshal(old, &c); err != nil {
-			return fmt.Errorf("usage row %q: %w", w.key, err)
-		}
-	}
-	c.add(&u.c)
-	start := len(w.buf)
-	w.buf = appendCounters(w.buf, &c)
-	return w.put(bk, start)
 }
 
 // appendNames appends names joined by NUL (validate rejects NUL in names,
@@ -791,6 +559,9 @@ func (db *DB) view(fn func(*bolt.Tx) error) error {
 // Day rows whose Day is one of days. The result is a copy owned by the
 // caller.
 func (db *DB) Load(since time.Time, days []string) (*State, error) {
+	if err := db.control(&control{}); err != nil {
+		return nil, err
+	}
 	st := &State{}
 	err := db.view(func(tx *bolt.Tx) error {
 		err := tx.Bucket(bucketLeases).ForEach(func(k, v []byte) error {
@@ -861,6 +632,9 @@ func (db *DB) Load(since time.Time, days []string) (*State, error) {
 // when it is not empty, sorted by hour, project, model and key. Hours are
 // in UTC. The result is a copy owned by the caller.
 func (db *DB) Usage(since time.Time, keyID string) ([]api.UsageRow, error) {
+	if err := db.control(&control{}); err != nil {
+		return nil, err
+	}
 	var rows []api.UsageRow
 	err := db.view(func(tx *bolt.Tx) error {
 		c := tx.Bucket(bucketUsage).Cursor()
@@ -922,60 +696,76 @@ func (db *DB) Usage(since time.Time, keyID string) ([]api.UsageRow, error) {
 
 // Prune deletes the leases granted before `before`, the usage rows of
 // hours before usageBefore, and the Day rows dated more than three days
-// before before's date (in before's location). It runs in its own
-// transaction, serialized with the writer's by bbolt, and is safe to call
-// alongside Commit. After Close it returns ErrClosed.
+// before before's date (in before's location). The writer runs it in the
+// checkpoint that moves every batch committed before Prune was called
+// into keyd.db, so it is ordered after them; Commit goes on meanwhile.
+// After Close it returns ErrClosed.
 func (db *DB) Prune(before, usageBefore time.Time) error {
-	dayCutoff := before.AddDate(0, 0, -dayRetention).Format(time.DateOnly)
-	err := db.bolt.Update(func(tx *bolt.Tx) error {
-		var del [][]byte
-		err := tx.Bucket(bucketLeases).ForEach(func(k, v []byte) error {
-			var l struct {
-				GrantedAt time.Time `json:"granted"`
-			}
-			if err := json.Unmarshal(v, &l); err != nil {
-				return fmt.Errorf("lease %q: %w", k, err)
-			}
-			if l.GrantedAt.Before(before) {
-				del = append(del, bytes.Clone(k))
-			}
-			return nil
-		})
-		if err != nil {
-			return err
-		}
-		if err := deleteKeys(tx.Bucket(bucketLeases), del); err != nil {
-			return err
-		}
-
-		del = del[:0]
-		c := tx.Bucket(bucketUsage).Cursor()
-		for k, _ := c.First(); k != nil && len(k) >= 8 && parseHour(k).Before(usageBefore); k, _ = c.Next() {
-			del = append(del, bytes.Clone(k))
-		}
-		if err := deleteKeys(tx.Bucket(bucketUsage), del); err != nil {
-			return err
-		}
-
-		del = del[:0]
-		err = tx.Bucket(bucketDays).ForEach(func(k, _ []byte) error {
-			if string(k[bytes.LastIndexByte(k, 0)+1:]) < dayCutoff {
-				del = append(del, bytes.Clone(k))
-			}
-			return nil
-		})
-		if err != nil {
-			return err
-		}
-		return deleteKeys(tx.Bucket(bucketDays), del)
-	})
-	if errors.Is(err, berrors.ErrDatabaseNotOpen) {
-		return ErrClosed
-	}
-	if err != nil {
+	err := db.control(&control{prune: &pruneArgs{before: before, usageBefore: usageBefore}})
+	if err != nil && !errors.Is(err, ErrClosed) {
 		return fmt.Errorf("pruning %s: %w", db.path, err)
 	}
-	return nil
+	return err
+}
+
+// control sends c to the writer and waits for its answer: nil once every
+// batch committed before the call is in keyd.db (and the prune, if any,
+// is done).
+func (db *DB) control(c *control) error {
+	r := &request{ctl: c, done: make(chan error, 1)}
+	db.mu.RLock()
+	if db.closed {
+		db.mu.RUnlock()
+		return ErrClosed
+	}
+	db.reqs <- r
+	db.mu.RUnlock()
+	return <-r.done
+}
+
+func prune(tx *bolt.Tx, a *pruneArgs) error {
+	before, usageBefore := a.before, a.usageBefore
+	dayCutoff := before.AddDate(0, 0, -dayRetention).Format(time.DateOnly)
+	var del [][]byte
+	err := tx.Bucket(bucketLeases).ForEach(func(k, v []byte) error {
+		var l struct {
+			GrantedAt time.Time `json:"granted"`
+		}
+		if err := json.Unmarshal(v, &l); err != nil {
+			return fmt.Errorf("lease %q: %w", k, err)
+		}
+		if l.GrantedAt.Before(before) {
+			del = append(del, bytes.Clone(k))
+		}
+		return nil
+	})
+	if err != nil {
+		return err
+	}
+	if err := deleteKeys(tx.Bucket(bucketLeases), del); err != nil {
+		return err
+	}
+
+	del = del[:0]
+	c := tx.Bucket(bucketUsage).Cursor()
+	for k, _ := c.First(); k != nil && len(k) >= 8 && parseHour(k).Before(usageBefore); k, _ = c.Next() {
+		del = append(del, bytes.Clone(k))
+	}
+	if err := deleteKeys(tx.Bucket(bucketUsage), del); err != nil {
+		return err
+	}
+
+	del = del[:0]
+	err = tx.Bucket(bucketDays).ForEach(func(k, _ []byte) error {
+		if string(k[bytes.LastIndexByte(k, 0)+1:]) < dayCutoff {
+			del = append(del, bytes.Clone(k))
+		}
+		return nil
+	})
+	if err != nil {
+		return err
+	}
+	return deleteKeys(tx.Bucket(bucketDays), del)
 }
 
 func deleteKeys(bk *bolt.Bucket, keys [][]byte) error {
@@ -989,14 +779,17 @@ func deleteKeys(bk *bolt.Bucket, keys [][]byte) error {
 
 // Stats returns the writer's counters.
 func (db *DB) Stats() Stats {
-	return Stats{Commits: db.commits.Load(), Transactions: db.txs.Load(), Failed: db.failed.Load()}
+	return Stats{Commits: db.commits.Load(), Transactions: db.txs.Load(), Failed: db.failed.Load(),
+		Checkpoints: db.checkpoints.Load()}
 }
 
 // Path returns the database file's path.
 func (db *DB) Path() string { return db.path }
 
-// Close commits the batches already enqueued, stops the writer, removes
-// the pid file and closes the file, releasing its lock. Commits that start
+// Close commits the batches already enqueued, stops the writer, moves
+// every logged record into keyd.db, removes the pid file and closes the
+// files, releasing the lock. If that last checkpoint fails, Close says so
+// and the records stay in the log for the next Open. Commits that start
 // after Close has begun return ErrClosed, as do Load, Usage and Prune once
 // it has. Close is idempotent and safe to call concurrently; every call
 // returns the first call's result once the DB is closed.
@@ -1014,7 +807,7 @@ func (db *DB) Close() error {
 				db.logf("store: removing pid file: %v", err)
 			}
 		}
-		db.closeErr = db.bolt.Close()
+		db.closeErr = errors.Join(db.finishErr, closeSegments(db.segs), db.bolt.Close())
 	})
 	return db.closeErr
 }

@@ -198,22 +198,20 @@ func TestCommitOrderSequential(t *testing.T) {
 	}
 }
 
-// blockWriter holds bbolt's write lock so that the writer stalls in its
-// next transaction; release lets it go on.
+// blockWriter makes the writer stall before its next group; release lets
+// it go on.
 func blockWriter(t *testing.T, db *DB) (release func()) {
 	t.Helper()
-	started, stop, done := make(chan struct{}), make(chan struct{}), make(chan struct{})
-	go func() {
-		defer close(done)
-		db.bolt.Update(func(*bolt.Tx) error {
-			close(started)
-			<-stop
-			return nil
-		})
-	}()
-	<-started
+	stop := make(chan struct{})
+	hook := func() { <-stop }
+	db.stallHook.Store(&hook)
 	var once sync.Once
-	release = func() { once.Do(func() { close(stop); <-done }) }
+	release = func() {
+		once.Do(func() {
+			db.stallHook.Store(nil)
+			close(stop)
+		})
+	}
 	t.Cleanup(release)
 	return release
 }
@@ -412,10 +410,10 @@ func TestNewerSchema(t *testing.T) {
 		t.Fatal(err)
 	}
 	err = bdb.Update(func(tx *bolt.Tx) error {
-		if v := string(tx.Bucket(bucketMeta).Get(keySchema)); v != "1" {
+		if v := string(tx.Bucket(bucketMeta).Get(keySchema)); v != strconv.Itoa(SchemaVersion) {
 			t.Errorf("schema %q", v)
 		}
-		return tx.Bucket(bucketMeta).Put(keySchema, []byte("2"))
+		return tx.Bucket(bucketMeta).Put(keySchema, []byte(strconv.Itoa(SchemaVersion+1)))
 	})
 	bdb.Close()
 	if err != nil {
@@ -425,7 +423,7 @@ func TestNewerSchema(t *testing.T) {
 	if !errors.Is(err, ErrNewerSchema) {
 		t.Fatalf("Open: %v, want ErrNewerSchema", err)
 	}
-	want := path + " has schema version 2, this keyd understands up to 1: upgrade keyd or move the file away"
+	want := path + " has schema version 3, this keyd understands up to 2: upgrade keyd or move the file away"
 	if err.Error() != want {
 		t.Errorf("error %q\nwant %q", err, want)
 	}

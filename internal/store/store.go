@@ -1,13 +1,17 @@
-// Package store persists keyd's state in one bbolt file so that a restart,
-// kill -9 included, loses nothing that keyd acknowledged: every granted
-// lease (with its report once it has one), each bucket's day count,
-// cooldowns and disabled states, and an hourly usage history.
+// Package store persists keyd's state so that a restart, kill -9
+// included, loses nothing that keyd acknowledged: every granted lease
+// (with its report once it has one), each bucket's day count, cooldowns
+// and disabled states, and an hourly usage history.
 //
-// Writes go through Commit, which returns only once its Batch is durable
-// (fsynced). A single writer goroutine gathers every Batch pending at the
-// time it starts a transaction and commits them together (group commit),
-// so N concurrent callers cost one fsync, not N. Batches are applied in
-// the order Commit was called.
+// Writes go through Commit (or Submit and Wait), which returns only once
+// its Batch is durable. A single writer goroutine gathers every Batch
+// pending when it starts a write and appends them to a write-ahead log as
+// one record with one fdatasync (group commit), so N concurrent callers
+// cost one fsync, not N, and a lone one costs one, not bbolt's two. In the
+// background it moves the log's records into the bbolt file keyd.db, a
+// segment at a time (a checkpoint); reads (Load, Usage) and Prune wait
+// for the checkpoint of everything committed before them. Batches are
+// applied in the order they were submitted. wal.go describes the log.
 package store
 
 import (
@@ -19,8 +23,11 @@ import (
 )
 
 // SchemaVersion is the version of the on-disk layout this build writes.
-// A file with a higher version is refused with ErrNewerSchema.
-const SchemaVersion = 1
+// A file with a higher version is refused with ErrNewerSchema. Version 2
+// added the write-ahead log: a keyd that knows only version 1 would
+// ignore records not yet checkpointed into keyd.db, so it must refuse the
+// file.
+const SchemaVersion = 2
 
 // FileName is the database's name inside the state directory.
 const FileName = "keyd.db"
