@@ -28,6 +28,8 @@ fuzz:
 	$(GO) test -run='^$$' -fuzz='^FuzzClassifyBytes$$' -fuzztime=$(FUZZTIME) -fuzzminimizetime=5x ./internal/gemini/
 	$(GO) test -run='^$$' -fuzz='^FuzzDecodeLeaseRequest$$' -fuzztime=$(FUZZTIME) -fuzzminimizetime=5x ./internal/daemon/
 	$(GO) test -run='^$$' -fuzz='^FuzzDecodeReportRequest$$' -fuzztime=$(FUZZTIME) -fuzzminimizetime=5x ./internal/daemon/
+	$(GO) test -run='^$$' -fuzz='^FuzzParseLease$$' -fuzztime=$(FUZZTIME) -fuzzminimizetime=5x ./client/
+	$(GO) test -run='^$$' -fuzz='^FuzzParseReportResponse$$' -fuzztime=$(FUZZTIME) -fuzzminimizetime=5x ./client/
 
 # The systemd units: systemd-analyze verify (with freshly built binaries at
 # their ExecStart paths), systemd-sysusers --dry-run, systemd-analyze

@@ -36,6 +36,7 @@ import (
 	"net/url"
 	"strconv"
 	"strings"
+	"sync"
 	"syscall"
 	"time"
 
@@ -50,6 +51,7 @@ const maxResponse = 64 << 20
 type Client struct {
 	socket string
 	hc     *http.Client
+	tr     *http.Transport // hc's
 }
 
 // New returns a Client for the keyd listening on socketPath; "" means
@@ -72,7 +74,7 @@ func New(socketPath string) *Client {
 		IdleConnTimeout:     90 * time.Second,
 		DisableCompression:  true,
 	}
-	return &Client{socket: socketPath, hc: &http.Client{Transport: tr}}
+	return &Client{socket: socketPath, hc: &http.Client{Transport: tr}, tr: tr}
 }
 
 // Socket returns the path of the socket the client dials.
@@ -85,14 +87,17 @@ func (c *Client) CloseIdleConnections() { c.hc.CloseIdleConnections() }
 // waits up to req.WaitMS for capacity, then fails with an *api.Error of
 // code api.CodeNoCapacity (see IsNoCapacity).
 func (c *Client) Lease(ctx context.Context, req api.LeaseRequest) (*api.Lease, error) {
-	return call[api.Lease](ctx, c, http.MethodPost, api.RouteLeases, req)
+	return fastCall(ctx, c, origin+api.RouteLeases, true, &req, appendLeaseRequest, parseLease)
 }
 
 // Report tells keyd how the call made under lease leaseID went. Reporting
 // a lease twice is harmless: the answer then has Duplicate set.
 func (c *Client) Report(ctx context.Context, leaseID string, rep api.ReportRequest) (*api.ReportResponse, error) {
-	path := api.RouteLeaseID + url.PathEscape(leaseID) + "/report"
-	return call[api.ReportResponse](ctx, c, http.MethodPost, path, rep)
+	target := origin + api.RouteLeaseID + url.PathEscape(leaseID) + "/report"
+	// keyd's http.ServeMux redirects a path it would clean, which only
+	// these IDs make (PathEscape escapes a slash).
+	direct := leaseID != "" && leaseID != "." && leaseID != ".."
+	return fastCall(ctx, c, target, direct, &rep, appendReportRequest, parseReportResponse)
 }
 
 // Status returns keyd's configuration, keys and buckets. It holds no secret.
@@ -181,49 +186,144 @@ func (c *Client) Wait(ctx context.Context) error {
 	return ctx.Err()
 }
 
-// do sends one request and decodes a 2xx answer into out.
 // call does one request and decodes its answer into a new T.
 func call[T any](ctx context.Context, c *Client, method, path string, in any) (*T, error) {
+	var body []byte
+	if in != nil {
+		b, err := json.Marshal(in)
+		if err != nil {
+			return nil, fmt.Errorf("encoding the request to %s: %w", path, err)
+		}
+		body = b
+	}
 	out := new(T)
-	if err := c.do(ctx, method, path, in, out); err != nil {
+	if err := c.do(ctx, method, origin+path, false, body, func(data []byte) error { return json.Unmarshal(data, out) }); err != nil {
 		return nil, err
 	}
 	return out, nil
 }
 
-func (c *Client) do(ctx context.Context, method, path string, in, out any) error {
-	var body io.Reader
-	if in != nil {
+// fastCall is call for the lease path: it encodes in with enc and decodes
+// the answer with parse when they can (see fastjson.go), else as call
+// does, with the same outcome either way. target and direct are as for do.
+func fastCall[In, Out any](ctx context.Context, c *Client, target string, direct bool, in *In,
+	enc func([]byte, *In) ([]byte, bool), parse func([]byte, *Out) bool) (*Out, error) {
+	body, ok := enc(make([]byte, 0, 128), in)
+	if !ok {
 		b, err := json.Marshal(in)
 		if err != nil {
-			return fmt.Errorf("encoding the request to %s: %w", path, err)
+			return nil, fmt.Errorf("encoding the request to %s: %w", target[len(origin):], err)
 		}
-		body = bytes.NewReader(b)
+		body = b
 	}
-	req, err := http.NewRequestWithContext(ctx, method, "http://keyd"+path, body)
+	var out *Out
+	err := c.do(ctx, http.MethodPost, target, direct, body, func(data []byte) (err error) {
+		out, err = decodeAnswer(data, parse)
+		return err
+	})
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+// decodeAnswer decodes data into a new T with parse when parse accepts it,
+// else with json.Unmarshal.
+func decodeAnswer[T any](data []byte, parse func([]byte, *T) bool) (*T, error) {
+	out := new(T)
+	if parse(data, out) {
+		return out, nil
+	}
+	var zero T
+	*out = zero
+	return out, json.Unmarshal(data, out)
+}
+
+// jsonType is the value of the Content-Type and Accept headers of every
+// request. net/http only reads a request's header values.
+var jsonType = []string{"application/json"}
+
+// origin is the scheme and host of every request's URL.
+const origin = "http://keyd"
+
+// do sends one request to target, origin + path, with body (none when
+// nil) and hands a 2xx answer's body to decode; the bytes are not valid
+// after decode returns.
+//
+// direct says that keyd cannot answer the request with a redirect: then do
+// skips http.Client, whose work on top of the Transport's is following
+// redirects (and wrapping errors in a *url.Error, which transportError
+// unwraps anyway).
+func (c *Client) do(ctx context.Context, method, target string, direct bool, body []byte, decode func([]byte) error) error {
+	path := target[len(origin):]
+	var rd io.Reader
+	if body != nil {
+		rd = bytes.NewReader(body)
+	}
+	req, err := http.NewRequestWithContext(ctx, method, target, rd)
 	if err != nil {
 		return err
 	}
-	if in != nil {
-		req.Header.Set("Content-Type", "application/json")
+	if body != nil {
+		req.Header["Content-Type"] = jsonType
 	}
-	req.Header.Set("Accept", "application/json")
-	resp, err := c.hc.Do(req)
+	req.Header["Accept"] = jsonType
+	var resp *http.Response
+	if direct {
+		resp, err = c.tr.RoundTrip(req)
+	} else {
+		resp, err = c.hc.Do(req)
+	}
 	if err != nil {
 		return c.transportError(ctx, err)
 	}
 	defer resp.Body.Close()
-	data, err := io.ReadAll(io.LimitReader(resp.Body, maxResponse))
+	bp := respPool.Get().(*[]byte)
+	defer func() {
+		clear(*bp) // a lease holds a secret: the pool keeps none
+		if cap(*bp) > 64<<10 {
+			*bp = make([]byte, 0, respBuf)
+		}
+		*bp = (*bp)[:0]
+		respPool.Put(bp)
+	}()
+	*bp, err = readAll(resp.Body, (*bp)[:0])
 	if err != nil {
 		return fmt.Errorf("reading keyd's answer to %s %s: %w", method, routeOf(path), err)
 	}
+	data := *bp
 	if resp.StatusCode < 200 || resp.StatusCode > 299 {
 		return decodeError(resp, data)
 	}
-	if err := json.Unmarshal(data, out); err != nil {
+	if err := decode(data); err != nil {
 		return fmt.Errorf("decoding keyd's answer to %s %s: %w", method, routeOf(path), err)
 	}
 	return nil
+}
+
+// respPool holds buffers for answers' bodies.
+var respPool = sync.Pool{New: func() any { b := make([]byte, 0, respBuf); return &b }}
+
+// respBuf is the size of a new answer buffer: a lease's answer is about 250 bytes.
+const respBuf = 512
+
+// readAll appends r's bytes to b until EOF or maxResponse bytes in all,
+// as io.ReadAll(io.LimitReader(r, maxResponse)) would return them.
+func readAll(r io.Reader, b []byte) ([]byte, error) {
+	for len(b) < maxResponse {
+		if len(b) == cap(b) {
+			b = append(b, 0)[:len(b)] // let append grow it
+		}
+		n, err := r.Read(b[len(b):min(cap(b), maxResponse)])
+		b = b[:len(b)+n]
+		if err == io.EOF {
+			return b, nil
+		}
+		if err != nil {
+			return b, err
+		}
+	}
+	return b, nil
 }
 
 // routeOf strips the query from path, for messages.

@@ -459,3 +459,24 @@ func TestContextCancel(t *testing.T) {
 		t.Fatalf("err = %v, want DeadlineExceeded", err)
 	}
 }
+
+// TestReportFollowsRedirects: keyd's http.ServeMux redirects (307) a path
+// it would clean, and a lease ID that is "", "." or ".." makes such a
+// path; the client then follows the redirect, as http.Client does.
+func TestReportFollowsRedirects(t *testing.T) {
+	rc := &recorder{body: `{"lease_id":"l"}`}
+	mux := http.NewServeMux()
+	mux.Handle("/", rc)
+	c := New(fakeKeyd(t, mux))
+	for _, tt := range []struct{ id, path string }{
+		{"..", "/v1/report"}, {".", "/v1/leases/report"}, {"", "/v1/leases/report"},
+		{"a/../b", "/v1/leases/a/../b/report"}, {"l1", "/v1/leases/l1/report"},
+	} {
+		if _, err := c.Report(context.Background(), tt.id, api.ReportRequest{Status: 200}); err != nil {
+			t.Fatalf("%q: %v", tt.id, err)
+		}
+		if r := rc.last(t); r.method != "POST" || r.path != tt.path || r.body != `{"status":200}` {
+			t.Errorf("%q: the fake saw %s %s %s, want POST %s", tt.id, r.method, r.path, r.body, tt.path)
+		}
+	}
+}

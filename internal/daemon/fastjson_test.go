@@ -10,6 +10,7 @@ import (
 	"time"
 
 	"github.com/keyd/keyd/api"
+	"github.com/keyd/keyd/internal/fastjson"
 )
 
 // Bodies that probe where the fast decoders stop and encoding/json takes
@@ -148,7 +149,7 @@ func TestAppendMatchesEncoder(t *testing.T) {
 		if ok && !bytes.Equal(got, want) {
 			t.Errorf("%+v:\n got %s\nwant %s", l, got, want)
 		}
-		if !ok && plain(l.LeaseID+l.KeyID+l.Project+l.Model+l.Secret) && want != nil {
+		if !ok && fastjson.Plain(l.LeaseID+l.KeyID+l.Project+l.Model+l.Secret) && want != nil {
 			t.Errorf("%+v declined; encoding/json writes %s", l, want)
 		}
 	}
@@ -164,7 +165,7 @@ func TestAppendMatchesEncoder(t *testing.T) {
 		if ok && !bytes.Equal(got, want) {
 			t.Errorf("%+v:\n got %s\nwant %s", r, got, want)
 		}
-		if !ok && plain(r.LeaseID+r.KeyID+r.Classification+r.Action) {
+		if !ok && fastjson.Plain(r.LeaseID+r.KeyID+r.Classification+r.Action) {
 			t.Errorf("%+v declined", r)
 		}
 	}

@@ -23,6 +23,9 @@ var (
 // token after every "api_key:" (which becomes "api_key:AIza…"). It is safe
 // on any string; invalid UTF-8 is replaced by U+FFFD.
 func Redact(s string) string {
+	if s == "" { // the common case, a success's empty fields: no regexp work
+		return s
+	}
 	s = strings.ToValidUTF8(s, "\uFFFD")
 	s = consumerRe.ReplaceAllStringFunc(s, func(m string) string {
 		return m[:len("api_key:")] + RedactedKey

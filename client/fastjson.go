@@ -1,0 +1,133 @@
+package client
+
+import (
+	"github.com/keyd/keyd/api"
+	"github.com/keyd/keyd/internal/fastjson"
+)
+
+// Lease and Report, the calls a busy caller makes for every Gemini request,
+// encode their request bodies and decode keyd's answers by hand when they
+// can, instead of through encoding/json's reflection, which was about a
+// sixth of the client's CPU time per lease+report pair. keyd does the same
+// on its side (internal/daemon/fastjson.go); both use internal/fastjson.
+//
+// Encoding: appendLeaseRequest and appendReportRequest write exactly the
+// bytes json.Marshal writes (TestAppendMatchesMarshal), and decline values
+// holding a string that encoding/json would escape, or a report's Error.
+//
+// Decoding: parseLease and parseReportResponse accept only the plainest
+// form of an answer (see internal/fastjson), which is the form keyd
+// writes. Whatever they accept, json.Unmarshal decodes to the same value
+// without error; everything else they decline, and json.Unmarshal decodes
+// it (FuzzParseLease and FuzzParseReportResponse check this).
+
+// appendLeaseRequest appends r as json.Marshal writes it, or reports false
+// when a string needs escaping.
+func appendLeaseRequest(b []byte, r *api.LeaseRequest) ([]byte, bool) {
+	if !fastjson.Plain(r.Model) || !fastjson.Plain(r.WorkloadType) || !fastjson.Plain(r.Client) {
+		return b, false
+	}
+	b = append(b, '{')
+	b = fastjson.AppendField(b, true, "model", r.Model)
+	if r.Tokens != 0 {
+		b = fastjson.AppendInt(b, false, "tokens", r.Tokens)
+	}
+	if r.WorkloadType != "" {
+		b = fastjson.AppendField(b, false, "workload_type", r.WorkloadType)
+	}
+	if r.WaitMS != 0 {
+		b = fastjson.AppendInt(b, false, "wait_ms", r.WaitMS)
+	}
+	if r.Client != "" {
+		b = fastjson.AppendField(b, false, "client", r.Client)
+	}
+	return append(b, '}'), true
+}
+
+// appendReportRequest appends r as json.Marshal writes it, or reports
+// false when it holds an Error or a string that needs escaping.
+func appendReportRequest(b []byte, r *api.ReportRequest) ([]byte, bool) {
+	if r.Error != nil || !fastjson.Plain(r.Outcome) {
+		return b, false
+	}
+	b = append(b, '{')
+	if r.Outcome != "" {
+		b = fastjson.AppendField(b, true, "outcome", r.Outcome)
+	}
+	b = fastjson.AppendInt(b, r.Outcome == "", "status", int64(r.Status))
+	if u := r.Usage; u != nil {
+		b = append(b, `,"usage":{`...)
+		b = fastjson.AppendInt(b, true, "prompt_tokens", u.PromptTokens)
+		if u.OutputTokens != 0 {
+			b = fastjson.AppendInt(b, false, "output_tokens", u.OutputTokens)
+		}
+		if u.TotalTokens != 0 {
+			b = fastjson.AppendInt(b, false, "total_tokens", u.TotalTokens)
+		}
+		b = append(b, '}')
+	}
+	return append(b, '}'), true
+}
+
+// parseLease decodes a plain lease (see above).
+func parseLease(b []byte, l *api.Lease) bool {
+	s := fastjson.NewSharedScanner(b)
+	ok := s.Object(func(name []byte) (bit uint, ok bool) {
+		switch string(name) {
+		case "lease_id":
+			l.LeaseID, ok = s.Str()
+			return 1, ok
+		case "key_id":
+			l.KeyID, ok = s.Str()
+			return 2, ok
+		case "project":
+			l.Project, ok = s.Str()
+			return 4, ok
+		case "model":
+			l.Model, ok = s.Str()
+			return 8, ok
+		case "secret":
+			l.Secret, ok = s.Str()
+			return 16, ok
+		case "tokens":
+			l.Tokens, ok = s.Int(64)
+			return 32, ok
+		case "expires_at":
+			// What encoding/json does with a time: hand the quoted
+			// literal, here free of escapes, to Time.UnmarshalJSON.
+			var v []byte
+			if v, ok = s.Quoted(); ok {
+				ok = l.ExpiresAt.UnmarshalJSON(v) == nil
+			}
+			return 64, ok
+		}
+		return 0, false
+	})
+	return ok && s.End()
+}
+
+// parseReportResponse decodes a plain report answer (see above).
+func parseReportResponse(b []byte, r *api.ReportResponse) bool {
+	s := fastjson.NewSharedScanner(b)
+	ok := s.Object(func(name []byte) (bit uint, ok bool) {
+		switch string(name) {
+		case "lease_id":
+			r.LeaseID, ok = s.Str()
+			return 1, ok
+		case "key_id":
+			r.KeyID, ok = s.Str()
+			return 2, ok
+		case "classification":
+			r.Classification, ok = s.Str()
+			return 4, ok
+		case "action":
+			r.Action, ok = s.Str()
+			return 8, ok
+		case "duplicate":
+			r.Duplicate, ok = s.Bool()
+			return 16, ok
+		}
+		return 0, false
+	})
+	return ok && s.End()
+}
