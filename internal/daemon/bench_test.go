@@ -1,11 +1,15 @@
 package daemon
 
 import (
+	"bytes"
 	"context"
 	"fmt"
 	"log/slog"
+	"os"
 	"path/filepath"
+	rtmetrics "runtime/metrics"
 	"slices"
+	"strconv"
 	"sync"
 	"sync/atomic"
 	"syscall"
@@ -16,6 +20,7 @@ import (
 
 	"github.com/keyd/keyd/api"
 	"github.com/keyd/keyd/client"
+	"github.com/keyd/keyd/internal/gctune"
 	"github.com/keyd/keyd/internal/store"
 )
 
@@ -45,11 +50,24 @@ var benchClients = []int{1, 8, 64}
 //	                 i.e. per pair of fsyncs, from the file's last txid
 //	cpu-us/pair      user+system CPU of the whole process (clients, HTTP,
 //	                 keyd and the store) per pair
+//	gc/s             garbage collections per second, whole process
+//	peak-rss-MiB     the process's peak RSS (VmHWM) during the run; the
+//	                 peak is reset as the run starts, to the RSS of the moment
 //
 // Each sub-benchmark run starts a fresh keyd on an empty store. The
 // daemon logs at info, keyd's default. Use -benchtime=3s or more and
 // -count: the numbers move with other load on the machine.
+//
+// The process keeps the heap headroom for the garbage collector that the
+// keyd binary keeps by default (Main, --gc-headroom 64): Run, which this
+// benchmark starts, leaves the collector alone. As for keyd, GOGC in the
+// environment turns it off: GOGC=100 measures keyd without it.
 func BenchmarkLeaseReport(b *testing.B) {
+	if stop, err := gctune.Start(gctune.DefaultHeadroom); err != nil {
+		b.Logf("gc heap headroom off: %v", err)
+	} else {
+		defer stop()
+	}
 	for _, n := range benchClients {
 		b.Run(fmt.Sprintf("clients=%d", n), func(b *testing.B) {
 			d := startDaemonLevel(b, benchKeys, slog.LevelInfo)
@@ -110,6 +128,8 @@ func BenchmarkHealth(b *testing.B) {
 type clientRun struct {
 	elapsed              time.Duration
 	cpu                  time.Duration   // user+system CPU of the process (clients and keyd)
+	gcs                  uint64          // garbage collections
+	peakRSS              int64           // bytes, VmHWM; 0 if unknown
 	first, second, total []time.Duration // sorted
 }
 
@@ -133,8 +153,9 @@ func runClients(b *testing.B, n int, op func() (time.Duration, time.Duration, er
 	lats := make([]lat, n)
 	var next atomic.Int64
 	b.ReportAllocs()
+	resetPeakRSS()
 	b.ResetTimer()
-	cpu0 := cpuTime()
+	cpu0, gc0 := cpuTime(), gcCycles()
 	start := time.Now()
 	for i := range n {
 		wg.Go(func() {
@@ -152,8 +173,9 @@ func runClients(b *testing.B, n int, op func() (time.Duration, time.Duration, er
 		})
 	}
 	wg.Wait()
-	r := &clientRun{elapsed: time.Since(start), cpu: cpuTime() - cpu0}
+	r := &clientRun{elapsed: time.Since(start), cpu: cpuTime() - cpu0, gcs: gcCycles() - gc0}
 	b.StopTimer()
+	r.peakRSS = peakRSS()
 	for _, l := range lats {
 		r.first = append(r.first, l.first...)
 		r.second = append(r.second, l.second...)
@@ -176,6 +198,10 @@ func (r *clientRun) report(b *testing.B) {
 	b.ReportMetric(ms(pct(r.first, 99)), "lease-p99-ms")
 	b.ReportMetric(ms(pct(r.second, 50)), "report-p50-ms")
 	b.ReportMetric(float64(r.cpu.Microseconds())/float64(len(r.total)), "cpu-us/pair")
+	b.ReportMetric(float64(r.gcs)/r.elapsed.Seconds(), "gc/s")
+	if r.peakRSS > 0 {
+		b.ReportMetric(float64(r.peakRSS)/(1<<20), "peak-rss-MiB")
+	}
 }
 
 // transactions returns the ID of the last transaction committed to the
@@ -201,6 +227,36 @@ func cpuTime() time.Duration {
 		return 0
 	}
 	return time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
+}
+
+// gcCycles returns the number of garbage collections the process has
+// completed.
+func gcCycles() uint64 {
+	s := []rtmetrics.Sample{{Name: "/gc/cycles/total:gc-cycles"}}
+	rtmetrics.Read(s)
+	return s[0].Value.Uint64()
+}
+
+// resetPeakRSS resets the process's peak RSS (VmHWM) to its current RSS
+// (proc(5), /proc/pid/clear_refs), if the kernel lets it.
+func resetPeakRSS() { os.WriteFile("/proc/self/clear_refs", []byte("5"), 0) }
+
+// peakRSS returns the process's peak RSS in bytes, or 0 if unknown.
+func peakRSS() int64 {
+	status, err := os.ReadFile("/proc/self/status")
+	if err != nil {
+		return 0
+	}
+	for line := range bytes.Lines(status) {
+		if v, ok := bytes.CutPrefix(line, []byte("VmHWM:")); ok {
+			kb, err := strconv.ParseInt(string(bytes.TrimSuffix(bytes.TrimSpace(v), []byte(" kB"))), 10, 64)
+			if err != nil {
+				return 0
+			}
+			return kb << 10
+		}
+	}
+	return 0
 }
 
 // pct returns the p-th percentile of sorted (nearest rank).

@@ -24,6 +24,7 @@ import (
 
 	"github.com/keyd/keyd/api"
 	"github.com/keyd/keyd/internal/config"
+	"github.com/keyd/keyd/internal/gctune"
 	"github.com/keyd/keyd/internal/limiter"
 	"github.com/keyd/keyd/internal/sdnotify"
 	"github.com/keyd/keyd/internal/store"
@@ -53,6 +54,10 @@ type Options struct {
 	MetricsListen string
 	// Ready, when set, is called once the socket listens.
 	Ready func()
+	// GCHeadroom is the heap headroom in bytes that Main keeps for the
+	// garbage collector (--gc-headroom; 0 is off). Run ignores it: the
+	// collector is the whole process's, and tests embed Run.
+	GCHeadroom int64
 }
 
 // Main runs keyd with command-line args and returns its exit code.
@@ -63,6 +68,9 @@ func Main(args []string) int {
 	}
 	if err != nil {
 		return 2
+	}
+	if stopGC := tuneGC(os.Stderr, opts); stopGC != nil {
+		defer stopGC()
 	}
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
 	defer stop()
@@ -78,6 +86,7 @@ func parseFlags(args []string, stdout, stderr io.Writer) (Options, error) {
 	fs.SetOutput(stderr)
 	var o Options
 	var level string
+	var gcMiB int64
 	fs.StringVar(&o.ConfigPath, "config", "", "keys.json to load (default $KEYD_CONFIG, else ./keys.json)")
 	fs.StringVar(&o.EnvFile, "env-file", "", "`.env` file holding GEMINI_KEY_<key_id>=... secrets (default: .env beside keys.json; a missing file is fine)")
 	fs.StringVar(&o.SocketPath, "socket", "", "Unix socket to serve (default $KEYD_SOCKET, else $RUNTIME_DIRECTORY/keyd.sock,\nelse /run/keyd/keyd.sock for root, else $XDG_RUNTIME_DIR/keyd/keyd.sock)")
@@ -86,6 +95,7 @@ func parseFlags(args []string, stdout, stderr io.Writer) (Options, error) {
 	fs.StringVar(&level, "log-level", "info", "log level: debug, info, warn or error")
 	fs.StringVar(&o.LogFormat, "log-format", "text", "log format: text (logfmt, for terminals and journald) or json (one object a line)")
 	fs.StringVar(&o.MetricsListen, "metrics-listen", "", "also serve Prometheus metrics (GET /metrics) at this loopback `HOST:PORT`,\ne.g. 127.0.0.1:9464; the socket serves them in any case")
+	fs.Int64Var(&gcMiB, "gc-headroom", gctune.DefaultHeadroom>>20, "keep the Go heap goal at least this many `MiB` above the live heap: the garbage collector\nruns less often on a small heap. 0 turns it off, and so does GOGC set in the environment")
 	fs.Usage = func() {
 		fmt.Fprintf(stderr, `keyd owns a pool of Gemini API keys and hands out short-lived key leases
 over a Unix socket, keeping every (project, model) bucket within its limits.
@@ -122,7 +132,44 @@ Talk to keyd with keyctl: keyctl status, keyctl lease --model M.
 			return o, err
 		}
 	}
+	if gcMiB < 0 || gcMiB > maxGCHeadroomMiB {
+		err := fmt.Errorf("--gc-headroom %d: use 0 (off) to %d MiB", gcMiB, maxGCHeadroomMiB)
+		fmt.Fprintf(stderr, "keyd: %v\n", err)
+		return o, err
+	}
+	o.GCHeadroom = gcMiB << 20
 	return o, nil
+}
+
+// maxGCHeadroomMiB bounds --gc-headroom at 1 TiB, far above any use and
+// far below an overflow.
+const maxGCHeadroomMiB = 1 << 20
+
+// tuneGC starts the keyd binary's heap headroom for the garbage collector
+// (internal/gctune, o.GCHeadroom) and logs to w, in keyd's log format, one
+// line saying what it chose. It returns the tuner's stop, or nil if it
+// does not tune.
+func tuneGC(w io.Writer, o Options) (stop func()) {
+	log, err := newLogger(w, o.LogFormat, o.LogLevel)
+	if err != nil {
+		return nil // parseFlags has checked the format
+	}
+	headroom := o.GCHeadroom
+	if headroom == 0 {
+		log.Info("gc heap headroom off", "reason", "--gc-headroom 0")
+		return nil
+	}
+	stop, err = gctune.Start(headroom)
+	if err != nil {
+		log.Info("gc heap headroom off", "reason", err.Error())
+		return nil
+	}
+	args := []any{"mib", headroom >> 20}
+	if v := os.Getenv("GOMEMLIMIT"); v != "" {
+		args = append(args, "gomemlimit", v) // the limit still caps the heap
+	}
+	log.Info("gc heap headroom", args...)
+	return stop
 }
 
 func checkLogFormat(f string) error {

@@ -11,6 +11,7 @@ import (
 	"net"
 	"net/http"
 	"regexp"
+	"runtime/debug"
 	"strconv"
 	"strings"
 	"testing"
@@ -422,10 +423,13 @@ func TestLogFlags(t *testing.T) {
 	if err != nil || o.LogFormat != "json" || o.MetricsListen != "127.0.0.1:9464" {
 		t.Fatalf("parse: %+v %v", o, err)
 	}
-	if o, _ := parseFlags(nil, io.Discard, &stderr); o.LogFormat != "text" {
-		t.Fatalf("default log format %q", o.LogFormat)
+	if o, _ := parseFlags(nil, io.Discard, &stderr); o.LogFormat != "text" || o.GCHeadroom != 64<<20 {
+		t.Fatalf("default log format %q, gc headroom %d", o.LogFormat, o.GCHeadroom)
 	}
-	for _, args := range [][]string{{"--log-format", "xml"}, {"--metrics-listen", "0.0.0.0:9464"}} {
+	if o, err := parseFlags([]string{"--gc-headroom", "0"}, io.Discard, &stderr); err != nil || o.GCHeadroom != 0 {
+		t.Fatalf("--gc-headroom 0: %d, %v", o.GCHeadroom, err)
+	}
+	for _, args := range [][]string{{"--log-format", "xml"}, {"--metrics-listen", "0.0.0.0:9464"}, {"--gc-headroom", "-1"}} {
 		stderr.Reset()
 		if _, err := parseFlags(args, io.Discard, &stderr); err == nil || !strings.Contains(stderr.String(), args[0]) {
 			t.Errorf("%v: err %v, stderr %q", args, err, stderr.String())
@@ -433,9 +437,39 @@ func TestLogFlags(t *testing.T) {
 	}
 	stderr.Reset()
 	parseFlags([]string{"--help"}, io.Discard, &stderr)
-	for _, want := range []string{"-log-format", "-metrics-listen HOST:PORT"} {
+	for _, want := range []string{"-log-format", "-metrics-listen HOST:PORT", "-gc-headroom MiB"} {
 		if !strings.Contains(stderr.String(), want) {
 			t.Errorf("--help lacks %s:\n%s", want, stderr.String())
+		}
+	}
+}
+
+// TestGCTuningLog: Main's one line on the GC headroom says what it chose,
+// and GOGC in the environment turns the tuning off.
+func TestGCTuningLog(t *testing.T) {
+	defer debug.SetGCPercent(debug.SetGCPercent(100))
+	for _, tc := range []struct {
+		gogc     string
+		headroom int64
+		want     string
+		tunes    bool
+	}{
+		{"", 64 << 20, `level=INFO msg="gc heap headroom" mib=64` + "\n", true},
+		{"", 0, `level=INFO msg="gc heap headroom off" reason="--gc-headroom 0"` + "\n", false},
+		{"400", 64 << 20, `level=INFO msg="gc heap headroom off" reason="GOGC=400 is set in the environment"` + "\n", false},
+	} {
+		t.Setenv("GOGC", tc.gogc)
+		t.Setenv("GOMEMLIMIT", "")
+		var logs bytes.Buffer
+		stop := tuneGC(&logs, Options{GCHeadroom: tc.headroom})
+		if !strings.HasSuffix(logs.String(), tc.want) || strings.Count(logs.String(), "\n") != 1 {
+			t.Errorf("GOGC=%q, headroom %d: logged %q, want one line ending %q", tc.gogc, tc.headroom, logs.String(), tc.want)
+		}
+		if (stop != nil) != tc.tunes {
+			t.Errorf("GOGC=%q, headroom %d: tuning %v, want %v", tc.gogc, tc.headroom, stop != nil, tc.tunes)
+		}
+		if stop != nil {
+			stop()
 		}
 	}
 }
