@@ -47,9 +47,10 @@ bench: bench-lease bench-sim bench-redis bench-scale
 	$(GO) test -run='^$$' -bench=. -benchtime=$(BENCHTIME) ./internal/store/ ./internal/limiter/
 
 # The numbers of docs/benchmarks.md: lease+report pairs at 1, 8 and 64
-# clients and the HTTP floor beside them, $(BENCHCOUNT) runs of each.
+# clients (closed loop), at fixed rates from 64 clients (open loop), and
+# the HTTP floor beside them, $(BENCHCOUNT) runs of each.
 bench-lease:
-	$(GO) test -run='^$$' -bench='^Benchmark(LeaseReport|Health)$$' -benchtime=$(BENCHTIME) -count=$(BENCHCOUNT) ./internal/daemon/
+	$(GO) test -run='^$$' -bench='^Benchmark(LeaseReport|LeaseReportAtRate|Health)$$' -benchtime=$(BENCHTIME) -count=$(BENCHCOUNT) ./internal/daemon/
 
 .PHONY: bench-redis bench-scale
 
