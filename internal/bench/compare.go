@@ -15,9 +15,9 @@ import (
 type System int
 
 const (
-	KeydDurable   System = iota // keyd, its bbolt store on disk
+	KeydDurable   System = iota // keyd, its store (write-ahead log and bbolt file) on disk
 	RedisDurable                // Redis, appendonly yes + appendfsync always, on disk
-	KeydTmpfs                   // keyd, its bbolt store on tmpfs (fsync costs ~nothing)
+	KeydTmpfs                   // keyd, its store on tmpfs (fsync costs ~nothing)
 	RedisVolatile               // Redis, no AOF, no RDB
 )
 
@@ -26,7 +26,7 @@ var Systems = []System{KeydDurable, RedisDurable, KeydTmpfs, RedisVolatile}
 
 func (s System) String() string {
 	return [...]string{
-		"keyd, durable (bbolt on disk)",
+		"keyd, durable (log + bbolt on disk)",
 		"Redis, durable (AOF, appendfsync always, on disk)",
 		"keyd, state on tmpfs (reference)",
 		"Redis, no persistence (reference)",
@@ -224,7 +224,7 @@ func (res *CompareResult) Markdown() string {
 	w("## The run\n\n")
 	w("%s", res.Machine.Markdown())
 	w("- keyd at %s; redis-server %s (Debian), go-redis v9\n", res.Revision, res.RedisVersion)
-	w("- durable state (keyd's bbolt file, Redis's AOF) in `%s`: %s; keyd's reference runs in `%s`: %s\n",
+	w("- durable state (keyd's write-ahead log and bbolt file, Redis's AOF) in `%s`: %s; keyd's reference runs in `%s`: %s\n",
 		c.DiskDir, res.DiskFS, c.TmpfsDir, res.TmpfsFS)
 	w("- 1-minute load average during the run: %s; the benchmark itself keeps up to 2 threads busy\n", LoadSummary(res.Load))
 	w("- %d rounds; in each, every system at every client count for %v after %v of warm-up, on a server started\n",
@@ -287,8 +287,8 @@ func (res *CompareResult) Markdown() string {
 	w("limits no run reaches (rpm 10⁹, tpm 10¹²), log level info. The clients are goroutines of the benchmark\n")
 	w("sharing one `client.New(socket)` (HTTP/1.1 + JSON on the Unix socket, keep-alive). A lease is\n")
 	w("`POST /v1/leases` (model, tokens 1000); its report `POST /v1/leases/ID/report` (status 200, 900 prompt and\n")
-	w("100 output tokens). keyd commits every grant and report to bbolt (group commit, two `fdatasync`s per\n")
-	w("transaction) before it answers.\n\n")
+	w("100 output tokens). keyd appends every grant and report to its write-ahead log (group commit, one\n")
+	w("`fdatasync` per commit) before it answers, and checkpoints the log into its bbolt file in the background.\n\n")
 	w("**Redis** is the seed's design made as fast as it fairly can be: the clients call Redis directly over TCP\n")
 	w("on 127.0.0.1 with one shared go-redis v9 client (a pooled connection per client, RESP3), holding\n")
 	w("keys.json and the secrets in memory as the seed's `KeyManager` did. A\n")
@@ -311,13 +311,13 @@ func (res *CompareResult) Markdown() string {
 	w("None of these run in a 200-only benchmark except the permission check (an atomic load).\n\n")
 	w("**Durability.** Redis with `appendonly yes` and `appendfsync always` writes each event loop's commands\n")
 	w("to its append-only file and fsyncs it before it sends the replies of that loop, so concurrent clients\n")
-	w("share an fsync, as in keyd's group commit. Redis writes one file with one `fdatasync`; a bbolt commit\n")
-	w("needs two (the data pages, then the meta page that points at them).\n\n")
+	w("share an fsync, as in keyd's group commit. Both write one append-only file with one `fdatasync` per\n")
+	w("commit; keyd's log files are overwritten in place, so the sync flushes no file metadata.\n\n")
 	w("**The reference runs are not the same thing on both sides.** Redis has a real non-durable mode\n")
 	w("(`appendonly no`, `save \"\"`: nothing is written at all). keyd has none, and none was added for this:\n")
-	w("its reference run puts the state directory on tmpfs (%s), where `fdatasync` returns at once but bbolt\n", c.TmpfsDir)
-	w("still builds and writes its pages (to memory) and keyd still waits for its writer goroutine's group\n")
-	w("commit. It shows what the disk costs keyd, not what a keyd without a store would do.\n\n")
+	w("its reference run puts the state directory on tmpfs (%s), where `fdatasync` returns at once but keyd\n", c.TmpfsDir)
+	w("still encodes and writes its log records (to memory), checkpoints them into bbolt and waits for its writer\n")
+	w("goroutine's group commit. It shows what the disk costs keyd, not what a keyd without a store would do.\n\n")
 	w("Both servers run on the same 2 cores as the clients. Redis executes commands on one thread; keyd uses\n")
 	w("every core (GOMAXPROCS %d) and shares them with the benchmark's client goroutines.\n", res.Machine.NProc)
 	return b.String()
@@ -348,7 +348,7 @@ func (res *CompareResult) breakdownMarkdown(b *strings.Builder) {
 		{"select", "select: `choose` under the pool's mutex (4 keys, 2 buckets)"},
 		{"grant-nostore", "select + grant in memory: `pool.lease` with a store that commits nothing"},
 		{"encode", "encode: `appendLease` of the answer"},
-		{"commit", "commit: bbolt transaction of one grant's records, alone (two `fdatasync`s)"},
+		{"commit", "commit: one grant's records appended to the write-ahead log, alone (one `fdatasync`)"},
 		{"socket-lease-nostore", "whole lease over the socket, store that commits nothing"},
 		{"socket-lease", "whole lease over the socket, keyd started by `Run` with its durable store"},
 	}
@@ -413,7 +413,7 @@ func (res *CompareResult) readingMarkdown(b *strings.Builder) {
 		clients(lo), med(lo, KeydDurable, pps), med(lo, RedisDurable, pps), ratio(lo, KeydDurable, RedisDurable),
 		leaseP50(lo, KeydDurable))
 	w("  %.3f ms on Redis. Each waits for its own fsync: Redis's one `fdatasync` of its append-only file, keyd's\n", leaseP50(lo, RedisDurable))
-	w("  bbolt commit of two (see the breakdown below).\n")
+	w("  log commit's one (see the breakdown below).\n")
 	w("- Durable, %s: keyd %.0f pairs/s, Redis %.0f (ratio %.2f). Without the disk's fsyncs, keyd (on\n", clients(hi),
 		med(hi, KeydDurable, pps), med(hi, RedisDurable, pps), ratio(hi, KeydDurable, RedisDurable))
 	w("  tmpfs) makes ×%.2f its durable throughput and Redis (no persistence) ×%.2f: the larger the factor, the\n",
@@ -421,12 +421,12 @@ func (res *CompareResult) readingMarkdown(b *strings.Builder) {
 	w("  more that system waits on its fsyncs rather than on the CPU at this concurrency.\n")
 	scpu := func(sys System) float64 { return med(hi, sys, (*Run).ServerCPUPerPair) }
 	ccpu := func(sys System) float64 { return med(hi, sys, (*Run).ClientCPUPerPair) }
-	w("- CPU per pair at %s, server + clients: keyd %.0f + %.0f µs (HTTP/1.1 + JSON on both ends, bbolt),\n",
+	w("- CPU per pair at %s, server + clients: keyd %.0f + %.0f µs (HTTP/1.1 + JSON on both ends, the log),\n",
 		clients(hi), scpu(KeydDurable), ccpu(KeydDurable))
 	w("  Redis %.0f + %.0f µs (RESP, Lua). On %d cores shared by server and clients, CPU per pair bounds the\n",
 		scpu(RedisDurable), ccpu(RedisDurable), res.Machine.NProc)
 	w("  throughput once enough clients keep the fsyncs full.\n")
 	w("- Without durability, at %s: keyd on tmpfs against Redis without persistence, ratio %.2f: what is\n",
 		clients(hi), ratio(hi, KeydTmpfs, RedisVolatile))
-	w("  left is the cost of the protocol and the server, and keyd's bbolt commit in memory.\n\n")
+	w("  left is the cost of the protocol and the server, and keyd's log writes and checkpoints in memory.\n\n")
 }
