@@ -91,7 +91,9 @@ func (c *Client) Lease(ctx context.Context, req api.LeaseRequest) (*api.Lease, e
 }
 
 // Report tells keyd how the call made under lease leaseID went. Reporting
-// a lease twice is harmless: the answer then has Duplicate set.
+// a lease again within 10 minutes of its first report is harmless: the
+// answer then has Duplicate set (later, keyd has forgotten the lease and
+// answers not_found).
 func (c *Client) Report(ctx context.Context, leaseID string, rep api.ReportRequest) (*api.ReportResponse, error) {
 	target := origin + api.RouteLeaseID + url.PathEscape(leaseID) + "/report"
 	// keyd's http.ServeMux redirects a path it would clean, which only

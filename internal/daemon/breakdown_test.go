@@ -37,7 +37,7 @@ func (bdNoStore) Commit(context.Context, *store.Batch) error      { return nil }
 func (bdNoStore) Submit(*store.Batch) *store.Pending              { return store.Done(nil) }
 func (bdNoStore) Load(time.Time, []string) (*store.State, error)  { return &store.State{}, nil }
 func (bdNoStore) Usage(time.Time, string) ([]api.UsageRow, error) { return nil, nil }
-func (bdNoStore) Prune(time.Time, time.Time) error                { return nil }
+func (bdNoStore) Prune(time.Time, time.Time, time.Time) error     { return nil }
 func (bdNoStore) Close() error                                    { return nil }
 
 // bdConfig loads keysJSON with a made-up secret for every key.

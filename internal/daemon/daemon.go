@@ -423,7 +423,10 @@ func Run(ctx context.Context, o Options) error {
 			p.mu.Unlock()
 			if t.Sub(lastPrune) > 10*time.Minute {
 				lastPrune = t
-				if err := st.Prune(t.Add(-(ttl + leaseGrace + time.Minute)), t.Add(-35*24*time.Hour)); err != nil {
+				// A minute of slack on each: records a restart would
+				// still restore are never pruned.
+				err := st.Prune(t.Add(-(ttl + leaseGrace + time.Minute)), t.Add(-(reportRetention + time.Minute)), t.Add(-35*24*time.Hour))
+				if err != nil {
 					log.Error("pruning the store failed", "err", err)
 				}
 			}

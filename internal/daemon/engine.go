@@ -62,5 +62,5 @@ func (engineStore) Commit(context.Context, *store.Batch) error      { return nil
 func (engineStore) Submit(*store.Batch) *store.Pending              { return store.Done(nil) }
 func (engineStore) Load(time.Time, []string) (*store.State, error)  { return &store.State{}, nil }
 func (engineStore) Usage(time.Time, string) ([]api.UsageRow, error) { return nil, nil }
-func (engineStore) Prune(time.Time, time.Time) error                { return nil }
+func (engineStore) Prune(time.Time, time.Time, time.Time) error     { return nil }
 func (engineStore) Close() error                                    { return nil }

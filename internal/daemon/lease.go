@@ -198,7 +198,6 @@ func (p *pool) grant(ctx context.Context, now time.Time, req *api.LeaseRequest, 
 		key: sel.key, bucket: b, bid: sel.bid, hidx: -1,
 	}
 	p.leases[id] = ls
-	p.retained = append(p.retained, ls)
 	p.openLease(ls)
 	sel.key.lastUsed = now
 	g := &grantRecord{
@@ -251,23 +250,24 @@ type reportRecord struct {
 
 func hour(t time.Time) time.Time { return t.UTC().Truncate(time.Hour) }
 
-// report applies the outcome of a lease's call. A repeated report returns
-// the first one's classification and changes nothing.
+// report applies the outcome of a lease's call. A repeated report, up to
+// reportRetention after the first, gets the first one's answer with
+// Duplicate set and changes nothing.
 func (p *pool) report(ctx context.Context, id string, rep *api.ReportRequest) (*api.ReportResponse, *api.Error) {
 	p.mu.Lock()
 	now := p.now()
 	ls := p.leases[id]
 	if ls == nil {
+		resp, ok := p.reported.find(id, now)
 		p.mu.Unlock()
+		if ok {
+			return resp, nil
+		}
 		return nil, api.Errorf(http.StatusNotFound, api.CodeNotFound,
-			"lease %s is unknown: it was never granted, or expired over %v ago", id, leaseGrace)
+			"lease %s is unknown: it was never granted, expired unreported over %v ago, or was reported over %v ago",
+			id, leaseGrace, reportRetention)
 	}
 	r := &ls.rec
-	if r.Reported {
-		resp := &api.ReportResponse{LeaseID: id, KeyID: r.KeyID, Classification: r.Classification, Action: r.Action, Duplicate: true}
-		p.mu.Unlock()
-		return resp, nil
-	}
 	rr := &reportRecord{}
 	batch := &rr.batch
 	batch.Leases, batch.Usage = rr.lease[:0], rr.usage[:0]
@@ -317,6 +317,8 @@ func (p *pool) report(ctx context.Context, id string, rep *api.ReportRequest) (*
 	r.Reported, r.ReportedAt, r.Classification, r.Action = true, now, class, action
 	p.m.reported(class)
 	p.closeLease(ls)
+	delete(p.leases, id)
+	p.reported.add(id, now, r.KeyID, class, action)
 	batch.Leases = append(batch.Leases, *r)
 	batch.Usage = append(batch.Usage, usage)
 	pending := p.st.Submit(batch)

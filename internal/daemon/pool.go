@@ -20,9 +20,18 @@ import (
 	"github.com/keyd/keyd/internal/store"
 )
 
-// Retention of lease records after their grant beyond the lease TTL: an
-// open lease stays reportable this long after it expires.
+// leaseGrace is how long an unreported lease stays reportable after it
+// expires (a late report is applied in full), and so how long keyd keeps
+// its whole record, in memory and in the store.
 const leaseGrace = time.Hour
+
+// reportRetention is how long keyd remembers the answer to a report, so
+// that a repeated report gets that answer again, with duplicate set,
+// rather than 404 not_found: well beyond the 30 s for which the clients
+// resend a report that got no answer while keyd restarts
+// (client/gemini Options.ReportRetry). A reported lease keeps only that
+// answer (reportedLeases), and the store drops its record after this long.
+const reportRetention = 10 * time.Minute
 
 // capacityBackoff is how long a bucket rests after a 429 without quota
 // details (the upstream was short of capacity, not the bucket of quota).
@@ -50,12 +59,13 @@ type pool struct {
 	byModel  map[string][]*keyState              // keys of cfg serving each model
 	buckets  map[config.BucketID]*limiter.Bucket // of cfg
 	retired  map[config.BucketID]*limiter.Bucket // buckets no longer in cfg
-	leases   map[string]*leaseState
-	expiries leaseHeap // open leases by expiry
-	retained []*leaseState
-	queues   map[string][]*waiter // FIFO of waiting lease requests per model
-	changed  chan struct{}        // closed and replaced when capacity may have freed
-	watched  bool                 // some waiter holds changed: kick must close it
+	leases   map[string]*leaseState              // unreported leases: open, or lapsed and reportable
+	expiries leaseHeap                           // open leases by expiry
+	lapsed   []*leaseState                       // leases that expired unreported, by expiry; see expire
+	reported reportedLeases                      // the answers of the reports of the last reportRetention
+	queues   map[string][]*waiter                // FIFO of waiting lease requests per model
+	changed  chan struct{}                       // closed and replaced when capacity may have freed
+	watched  bool                                // some waiter holds changed: kick must close it
 	closing  bool
 
 	// access is cfg.Access, readable without mu: every request checks
@@ -73,6 +83,10 @@ type keyState struct {
 	lastUsed time.Time
 }
 
+// leaseState is an unreported lease: open (granted, not expired) or
+// lapsed (expired, still reportable for leaseGrace), with all that its
+// report needs. Once reported, a lease is only its answer in
+// pool.reported.
 type leaseState struct {
 	rec    store.Lease
 	key    *keyState
@@ -253,20 +267,27 @@ func (p *pool) restore(s *store.State, now time.Time, batch *store.Batch) {
 	grants := map[config.BucketID][]limiter.Grant{}
 	for _, rec := range s.Leases {
 		bid := config.BucketID{Project: rec.Project, Model: rec.Model}
+		if !refunded(rec.Classification) {
+			tokens := rec.Tokens
+			if rec.Reported && rec.PromptTokens >= 0 && rec.Classification == api.ClassSuccess {
+				tokens = rec.PromptTokens
+			}
+			grants[bid] = append(grants[bid], limiter.Grant{ID: rec.ID, At: rec.GrantedAt, Tokens: tokens})
+		}
+		if rec.Reported {
+			// Only the answer stays, as for a lease reported since start.
+			if !now.After(rec.ReportedAt.Add(reportRetention)) {
+				p.reported.add(rec.ID, rec.ReportedAt, rec.KeyID, rec.Classification, rec.Action)
+			}
+			continue
+		}
 		ls := &leaseState{rec: rec, bid: bid, bucket: p.buckets[bid], key: p.keys[rec.KeyID], hidx: -1}
 		p.adopt(ls)
 		p.leases[rec.ID] = ls
-		p.retained = append(p.retained, ls)
-		if refunded(rec.Classification) {
-			continue
-		}
-		tokens := rec.Tokens
-		if rec.Reported && rec.PromptTokens >= 0 && rec.Classification == api.ClassSuccess {
-			tokens = rec.PromptTokens
-		}
-		grants[bid] = append(grants[bid], limiter.Grant{ID: rec.ID, At: rec.GrantedAt, Tokens: tokens})
-		if !rec.Reported && now.Before(rec.ExpiresAt) {
+		if now.Before(rec.ExpiresAt) {
 			p.openLease(ls)
+		} else {
+			p.lapsed = append(p.lapsed, ls) // Load returns them in grant order
 		}
 	}
 	for bid, b := range p.buckets {
@@ -324,33 +345,37 @@ func (p *pool) closeLease(ls *leaseState) {
 	}
 }
 
-// expire closes leases past their expiry and forgets records past their
-// retention. It returns the time of the next expiry (zero if none).
-// Callers hold mu.
+// expire closes leases past their expiry (they lapse), forgets lapsed
+// leases leaseGrace after their expiry and the answers of reports older
+// than reportRetention. It returns the time of the next expiry (zero if
+// none). Callers hold mu.
 func (p *pool) expire(now time.Time) time.Time {
 	n := 0
 	for len(p.expiries) > 0 && !now.Before(p.expiries[0].rec.ExpiresAt) {
 		ls := p.expiries[0]
 		p.closeLease(ls)
+		p.lapsed = append(p.lapsed, ls)
 		p.log.Debug("lease expired unreported; it counts at its estimate", "lease", ls.rec.ID, "key", ls.rec.KeyID, "tokens", ls.rec.Tokens)
 		n++
 	}
 	cut := 0
-	for cut < len(p.retained) {
-		ls := p.retained[cut]
+	for cut < len(p.lapsed) {
+		ls := p.lapsed[cut]
 		if !now.After(ls.rec.ExpiresAt.Add(leaseGrace)) {
 			break
 		}
-		if ls.open {
-			p.closeLease(ls)
+		// One reported late is already out of leases (only its answer
+		// stays), and here only until its turn.
+		if !ls.rec.Reported {
+			delete(p.leases, ls.rec.ID)
 		}
-		delete(p.leases, ls.rec.ID)
 		cut++
 	}
 	if cut > 0 {
-		clear(p.retained[:cut])
-		p.retained = p.retained[cut:]
+		clear(p.lapsed[:cut])
+		p.lapsed = p.lapsed[cut:]
 	}
+	p.reported.forget(now)
 	if n > 0 {
 		p.kick()
 	}

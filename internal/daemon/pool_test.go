@@ -42,8 +42,8 @@ func (m *memStore) Load(time.Time, []string) (*store.State, error) { return &sto
 func (m *memStore) Usage(time.Time, string) ([]api.UsageRow, error) {
 	return nil, nil
 }
-func (m *memStore) Prune(time.Time, time.Time) error { return nil }
-func (m *memStore) Close() error                     { return nil }
+func (m *memStore) Prune(time.Time, time.Time, time.Time) error { return nil }
+func (m *memStore) Close() error                                { return nil }
 
 // testConfig parses keys.json text with every key's secret set to "AIzaTEST-<key_id>".
 func testConfig(t *testing.T, keysJSON string) *config.Config {

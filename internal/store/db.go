@@ -694,14 +694,15 @@ func (db *DB) Usage(since time.Time, keyID string) ([]api.UsageRow, error) {
 	return rows, nil
 }
 
-// Prune deletes the leases granted before `before`, the usage rows of
-// hours before usageBefore, and the Day rows dated more than three days
-// before before's date (in before's location). The writer runs it in the
-// checkpoint that moves every batch committed before Prune was called
-// into keyd.db, so it is ordered after them; Commit goes on meanwhile.
-// After Close it returns ErrClosed.
-func (db *DB) Prune(before, usageBefore time.Time) error {
-	err := db.control(&control{prune: &pruneArgs{before: before, usageBefore: usageBefore}})
+// Prune deletes the leases granted before `before` and those reported
+// before reportedBefore, the usage rows of hours before usageBefore, and
+// the Day rows dated more than three days before before's date (in
+// before's location). The writer runs it in the checkpoint that moves
+// every batch committed before Prune was called into keyd.db, so it is
+// ordered after them; Commit goes on meanwhile. After Close it returns
+// ErrClosed.
+func (db *DB) Prune(before, reportedBefore, usageBefore time.Time) error {
+	err := db.control(&control{prune: &pruneArgs{before: before, reportedBefore: reportedBefore, usageBefore: usageBefore}})
 	if err != nil && !errors.Is(err, ErrClosed) {
 		return fmt.Errorf("pruning %s: %w", db.path, err)
 	}
@@ -729,12 +730,13 @@ func prune(tx *bolt.Tx, a *pruneArgs) error {
 	var del [][]byte
 	err := tx.Bucket(bucketLeases).ForEach(func(k, v []byte) error {
 		var l struct {
-			GrantedAt time.Time `json:"granted"`
+			GrantedAt  time.Time `json:"granted"`
+			ReportedAt time.Time `json:"reported_at"` // zero while unreported
 		}
 		if err := json.Unmarshal(v, &l); err != nil {
 			return fmt.Errorf("lease %q: %w", k, err)
 		}
-		if l.GrantedAt.Before(before) {
+		if l.GrantedAt.Before(before) || !l.ReportedAt.IsZero() && l.ReportedAt.Before(a.reportedBefore) {
 			del = append(del, bytes.Clone(k))
 		}
 		return nil

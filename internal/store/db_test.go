@@ -7,6 +7,7 @@ import (
 	"os"
 	"path/filepath"
 	"reflect"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -482,8 +483,16 @@ func TestUsageAccumulates(t *testing.T) {
 
 func TestPrune(t *testing.T) {
 	db, _ := openTest(t, "")
+	// Reported leases go by their report time, whenever granted.
+	reported := func(l Lease, at time.Time) Lease {
+		l.Reported, l.ReportedAt, l.Classification = true, at, "success"
+		return l
+	}
 	commit(t, db, &Batch{
-		Leases: []Lease{lease("old", t0.Add(-time.Nanosecond)), lease("new", t0), lease("newer", t0.Add(time.Hour))},
+		Leases: []Lease{lease("old", t0.Add(-time.Nanosecond)), lease("new", t0), lease("newer", t0.Add(time.Hour)),
+			reported(lease("reported-old", t0), t0.Add(-time.Nanosecond)),
+			reported(lease("reported-new", t0), t0),
+			reported(lease("reported-old-granted", t0.Add(-time.Hour)), t0)},
 		Days: []Day{
 			{Project: "p", Model: "m", Day: "2025-03-10", Count: 1},
 			{Project: "p", Model: "m", Day: "2025-03-11", Count: 1},
@@ -495,12 +504,16 @@ func TestPrune(t *testing.T) {
 			{Hour: t0, Project: "p", Model: "m", KeyID: "k", Requests: 1},
 		},
 	})
-	if err := db.Prune(t0, t0.Add(-time.Hour)); err != nil {
+	if err := db.Prune(t0, t0, t0.Add(-time.Hour)); err != nil {
 		t.Fatal(err)
 	}
 	st := load(t, db, time.Time{}, "2025-03-10", "2025-03-11", "2025-03-14")
-	if len(st.Leases) != 2 || st.Leases[0].ID != "new" || st.Leases[1].ID != "newer" {
-		t.Errorf("leases %+v", st.Leases)
+	var ids []string
+	for _, l := range st.Leases {
+		ids = append(ids, l.ID)
+	}
+	if want := []string{"new", "reported-new", "newer"}; !slices.Equal(ids, want) {
+		t.Errorf("leases %q, want %q", ids, want)
 	}
 	if len(st.Days) != 2 || st.Days[0].Day != "2025-03-11" {
 		t.Errorf("days %+v (want the 11th and 14th: 3 days before the 14th are kept)", st.Days)
@@ -530,14 +543,14 @@ func TestPruneAlongsideCommit(t *testing.T) {
 	}
 	wg.Go(func() {
 		for range 20 {
-			if err := db.Prune(t0.Add(time.Minute), t0); err != nil {
+			if err := db.Prune(t0.Add(time.Minute), t0, t0); err != nil {
 				t.Error(err)
 				return
 			}
 		}
 	})
 	wg.Wait()
-	if err := db.Prune(t0.Add(time.Minute), t0); err != nil {
+	if err := db.Prune(t0.Add(time.Minute), t0, t0); err != nil {
 		t.Fatal(err)
 	}
 	if n := len(load(t, db, time.Time{}).Leases); n != 8*25 {
@@ -563,7 +576,7 @@ func TestClose(t *testing.T) {
 	if _, err := db.Usage(t0, ""); !errors.Is(err, ErrClosed) {
 		t.Errorf("Usage after Close: %v", err)
 	}
-	if err := db.Prune(t0, t0); !errors.Is(err, ErrClosed) {
+	if err := db.Prune(t0, t0, t0); !errors.Is(err, ErrClosed) {
 		t.Errorf("Prune after Close: %v", err)
 	}
 }

@@ -154,8 +154,9 @@ type Store interface {
 	Load(since time.Time, days []string) (*State, error)
 	// Usage returns hourly rows since the given hour, optionally for one key.
 	Usage(since time.Time, keyID string) ([]api.UsageRow, error)
-	// Prune deletes leases granted before `before` and usage rows older
+	// Prune deletes leases granted before `before`, leases reported
+	// before `reportedBefore` (whenever granted), and usage rows older
 	// than `usageBefore`.
-	Prune(before, usageBefore time.Time) error
+	Prune(before, reportedBefore, usageBefore time.Time) error
 	Close() error
 }

@@ -27,7 +27,7 @@ type control struct {
 	prune *pruneArgs
 }
 
-type pruneArgs struct{ before, usageBefore time.Time }
+type pruneArgs struct{ before, reportedBefore, usageBefore time.Time }
 
 // ckptJob is one checkpoint: the pendings to apply in order (the net
 // effect of one segment's records), and the control requests to answer
