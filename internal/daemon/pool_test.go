@@ -530,13 +530,7 @@ func TestRestoreFromStore(t *testing.T) {
 		}
 		p := testPool(t, st, cfgText)
 		p.now = clock
-		s, err := st.Load(now.Add(-time.Hour-10*time.Minute), restoreDays(p.cfg, now))
-		if err != nil {
-			t.Fatal(err)
-		}
-		p.mu.Lock()
-		p.restore(s, now, &store.Batch{})
-		p.mu.Unlock()
+		restoreFrom(t, p, st, now)
 		return st, p
 	}
 	st, p := open()
@@ -672,4 +666,17 @@ func TestWindowMarginHoldsSlotsLonger(t *testing.T) {
 		time.Sleep(time.Nanosecond)
 		mustLease(t, p, api.LeaseRequest{Model: "m"})
 	})
+}
+
+// restoreFrom loads st as Run does at now (the leases of the last lease_ttl
+// + leaseGrace, the day counts of now's days) and restores p from it.
+func restoreFrom(t *testing.T, p *pool, st store.Store, now time.Time) {
+	t.Helper()
+	s, err := st.Load(now.Add(-(p.cfg.LeaseTTL + leaseGrace)), restoreDays(p.cfg, now))
+	if err != nil {
+		t.Fatal(err)
+	}
+	p.mu.Lock()
+	p.restore(s, now, &store.Batch{})
+	p.mu.Unlock()
 }

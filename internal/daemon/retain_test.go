@@ -270,13 +270,7 @@ func TestRepeatedReportsAcrossARestart(t *testing.T) {
 			now = *clock
 		}
 		p.now = func() time.Time { return now }
-		s, err := st.Load(now.Add(-(p.cfg.LeaseTTL + leaseGrace)), restoreDays(p.cfg, now))
-		if err != nil {
-			t.Fatal(err)
-		}
-		p.mu.Lock()
-		p.restore(s, now, &store.Batch{})
-		p.mu.Unlock()
+		restoreFrom(t, p, st, now)
 		return st, p
 	}
 	st, p := open()
