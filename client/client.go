@@ -314,7 +314,9 @@ const respBuf = 512
 func readAll(r io.Reader, b []byte) ([]byte, error) {
 	for len(b) < maxResponse {
 		if len(b) == cap(b) {
+			old := b
 			b = append(b, 0)[:len(b)] // let append grow it
+			clear(old)                // the answer may hold a secret: leave no copy behind
 		}
 		n, err := r.Read(b[len(b):min(cap(b), maxResponse)])
 		b = b[:len(b)+n]

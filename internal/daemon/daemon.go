@@ -152,7 +152,8 @@ const maxGCHeadroomMiB = 1 << 20
 func tuneGC(w io.Writer, o Options) (stop func()) {
 	log, err := newLogger(w, o.LogFormat, o.LogLevel)
 	if err != nil {
-		return nil // parseFlags has checked the format
+		fmt.Fprintf(w, "keyd: gc heap headroom off: %v\n", err) // parseFlags checked the format: not expected
+		return nil
 	}
 	headroom := o.GCHeadroom
 	if headroom == 0 {

@@ -287,7 +287,10 @@ func (p *pool) restore(s *store.State, now time.Time, batch *store.Batch) {
 		if now.Before(rec.ExpiresAt) {
 			p.openLease(ls)
 		} else {
-			p.lapsed = append(p.lapsed, ls) // Load returns them in grant order
+			// Load returns leases in grant order, which is expiry order
+			// while lease_ttl is unchanged; after a change, expire forgets
+			// some lapsed leases later than leaseGrace, never earlier.
+			p.lapsed = append(p.lapsed, ls)
 		}
 	}
 	for bid, b := range p.buckets {

@@ -375,3 +375,43 @@ func TestLeaseKey(t *testing.T) {
 		}
 	}
 }
+
+// A lease reported late (after it expired) keeps its answer across a
+// restart and a prune for reportRetention after the report, although its
+// grant is older than what a restart restores for unreported leases.
+func TestLateReportAcrossARestart(t *testing.T) {
+	dir := t.TempDir()
+	var now time.Time
+	open := func() (*store.DB, *pool) {
+		st, err := store.Open(dir, store.Options{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		p, clock := clockPool(t, st, twoKeysOneProject)
+		if now.IsZero() {
+			now = *clock
+		}
+		p.now = func() time.Time { return now }
+		restoreFrom(t, p, st, now)
+		return st, p
+	}
+	st, p := open()
+	l := mustLease(t, p, api.LeaseRequest{Model: "m"})
+	now = l.ExpiresAt.Add(leaseGrace - 5*time.Minute) // late, within the grace
+	janitor(p)
+	r := *mustReport(t, p, l.LeaseID, api.ReportRequest{Status: 200})
+	st.Close()
+
+	now = now.Add(reportRetention - time.Minute) // the grant is older than lease_ttl + leaseGrace
+	st, p = open()
+	if err := st.Prune(now.Add(-(p.cfg.LeaseTTL + leaseGrace)), now.Add(-(reportRetention + time.Minute)), now.Add(-24*time.Hour)); err != nil {
+		t.Fatal(err)
+	}
+	st.Close()
+	st, p = open()
+	defer st.Close()
+	r.Duplicate = true
+	if got := mustReport(t, p, l.LeaseID, api.ReportRequest{Status: 200}); *got != r {
+		t.Fatalf("late report repeated after a restart: %+v, want %+v", got, r)
+	}
+}

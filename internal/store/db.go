@@ -99,7 +99,9 @@ type SchemaError struct {
 }
 
 func (e *SchemaError) Error() string {
-	return fmt.Sprintf("%s has schema version %d, this keyd understands up to %d: upgrade keyd or move the file away", e.Path, e.Version, SchemaVersion)
+	dir := filepath.Dir(e.Path)
+	return fmt.Sprintf("%s has schema version %d, this keyd understands up to %d: upgrade keyd, or move %s, %s and %s out of %s to start with an empty state",
+		e.Path, e.Version, SchemaVersion, FileName, segmentName(0), segmentName(1), dir)
 }
 
 func (e *SchemaError) Unwrap() error { return ErrNewerSchema }
@@ -554,8 +556,8 @@ func (db *DB) view(fn func(*bolt.Tx) error) error {
 	return err
 }
 
-// Load returns the leases granted at or after since in grant order
-// (GrantedAt, then ID), every bucket and key record in key order, and the
+// Load returns the leases granted or reported at or after since in grant
+// order (GrantedAt, then ID), every bucket and key record in key order, and the
 // Day rows whose Day is one of days. The result is a copy owned by the
 // caller.
 func (db *DB) Load(since time.Time, days []string) (*State, error) {
@@ -569,7 +571,7 @@ func (db *DB) Load(since time.Time, days []string) (*State, error) {
 			if err := json.Unmarshal(v, &l); err != nil {
 				return fmt.Errorf("lease %q: %w", k, err)
 			}
-			if !l.GrantedAt.Before(since) {
+			if !l.GrantedAt.Before(since) || l.Reported && !l.ReportedAt.Before(since) {
 				st.Leases = append(st.Leases, l)
 			}
 			return nil
@@ -694,19 +696,16 @@ func (db *DB) Usage(since time.Time, keyID string) ([]api.UsageRow, error) {
 	return rows, nil
 }
 
-// Prune deletes the leases granted before `before` and those reported
-// before reportedBefore, the usage rows of hours before usageBefore, and
+// Prune deletes the unreported leases granted before `before` and the
+// reported leases reported before reportedBefore, the usage rows of hours before usageBefore, and
 // the Day rows dated more than three days before before's date (in
 // before's location). The writer runs it in the checkpoint that moves
 // every batch committed before Prune was called into keyd.db, so it is
 // ordered after them; Commit goes on meanwhile. After Close it returns
 // ErrClosed.
 func (db *DB) Prune(before, reportedBefore, usageBefore time.Time) error {
-	err := db.control(&control{prune: &pruneArgs{before: before, reportedBefore: reportedBefore, usageBefore: usageBefore}})
-	if err != nil && !errors.Is(err, ErrClosed) {
-		return fmt.Errorf("pruning %s: %w", db.path, err)
-	}
-	return err
+	// The error names keyd.db already (see apply).
+	return db.control(&control{prune: &pruneArgs{before: before, reportedBefore: reportedBefore, usageBefore: usageBefore}})
 }
 
 // control sends c to the writer and waits for its answer: nil once every
@@ -736,7 +735,9 @@ func prune(tx *bolt.Tx, a *pruneArgs) error {
 		if err := json.Unmarshal(v, &l); err != nil {
 			return fmt.Errorf("lease %q: %w", k, err)
 		}
-		if l.GrantedAt.Before(before) || !l.ReportedAt.IsZero() && l.ReportedAt.Before(a.reportedBefore) {
+		// A reported lease is kept for its answer, from its report; an
+		// unreported one for a late report, from its grant.
+		if l.ReportedAt.IsZero() && l.GrantedAt.Before(before) || !l.ReportedAt.IsZero() && l.ReportedAt.Before(a.reportedBefore) {
 			del = append(del, bytes.Clone(k))
 		}
 		return nil

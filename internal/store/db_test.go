@@ -424,7 +424,7 @@ func TestNewerSchema(t *testing.T) {
 	if !errors.Is(err, ErrNewerSchema) {
 		t.Fatalf("Open: %v, want ErrNewerSchema", err)
 	}
-	want := path + " has schema version 3, this keyd understands up to 2: upgrade keyd or move the file away"
+	want := path + " has schema version 3, this keyd understands up to 2: upgrade keyd, or move keyd.db, keyd.0.wal and keyd.1.wal out of " + dir + " to start with an empty state"
 	if err.Error() != want {
 		t.Errorf("error %q\nwant %q", err, want)
 	}
@@ -512,7 +512,7 @@ func TestPrune(t *testing.T) {
 	for _, l := range st.Leases {
 		ids = append(ids, l.ID)
 	}
-	if want := []string{"new", "reported-new", "newer"}; !slices.Equal(ids, want) {
+	if want := []string{"reported-old-granted", "new", "reported-new", "newer"}; !slices.Equal(ids, want) {
 		t.Errorf("leases %q, want %q", ids, want)
 	}
 	if len(st.Days) != 2 || st.Days[0].Day != "2025-03-11" {

@@ -131,7 +131,8 @@ type BucketKey struct{ Project, Model string }
 
 // State is everything Load returns to rebuild the daemon after a restart.
 type State struct {
-	// Leases granted at or after the Load's since argument, in grant order.
+	// Leases granted or reported at or after the Load's since argument, in
+	// grant order.
 	Leases  []Lease
 	Buckets []Bucket
 	Keys    []Key
@@ -149,7 +150,8 @@ type Store interface {
 	// Submit queues b behind every batch submitted before it and returns
 	// without waiting; Pending.Wait waits for durability.
 	Submit(b *Batch) *Pending
-	// Load reads the state needed at start: leases granted since `since`,
+	// Load reads the state needed at start: leases granted or reported
+	// since `since`,
 	// all bucket and key penalty records, and day counts for `days`.
 	Load(since time.Time, days []string) (*State, error)
 	// Usage returns hourly rows since the given hour, optionally for one key.

@@ -122,32 +122,56 @@ type record struct {
 	seg     int
 }
 
-// readSegment returns the valid records at the start of s.
-func readSegment(s *segment, i int) ([]record, error) {
+// readSegment returns the valid records at the start of s, and the
+// highest number of a valid record found after them (0 if none), going on
+// by the length fields past the record that ended them. A crash can tear
+// only the last record written, so a valid record after the end with a
+// number above both the last valid one and keyd.db's means damage, not a
+// tail; unapplied decides, knowing keyd.db's number.
+func readSegment(s *segment, i int) (recs []record, after uint64, err error) {
 	data := make([]byte, s.size)
 	if _, err := s.f.ReadAt(data, 0); err != nil && !errors.Is(err, io.EOF) {
-		return nil, fmt.Errorf("reading %s: %w", s.path, err)
+		return nil, 0, fmt.Errorf("reading %s: %w", s.path, err)
 	}
-	var recs []record
-	for off := 0; len(data)-off >= recHeader; {
-		h := data[off : off+recHeader]
-		n := int(binary.LittleEndian.Uint32(h[0:]))
-		sum := binary.LittleEndian.Uint32(h[4:])
-		seq := binary.LittleEndian.Uint64(h[8:])
+	off := 0
+	for {
+		seq, payload, n, ok := parseRecord(data[off:])
+		if !ok || len(recs) > 0 && seq != recs[len(recs)-1].seq+1 {
+			break
+		}
+		recs = append(recs, record{seq: seq, payload: payload, seg: i})
+		off += n
+	}
+	for len(data)-off >= recHeader {
+		n := int(binary.LittleEndian.Uint32(data[off:]))
 		if n == 0 || n > len(data)-off-recHeader {
 			break
 		}
-		if len(recs) > 0 && seq != recs[len(recs)-1].seq+1 {
-			break
+		if seq, _, _, ok := parseRecord(data[off:]); ok {
+			after = max(after, seq)
 		}
-		body := data[off+8 : off+recHeader+n]
-		if crc32.Checksum(body, castagnoli) != sum {
-			break
-		}
-		recs = append(recs, record{seq: seq, payload: body[8:], seg: i})
 		off += recHeader + n
 	}
-	return recs, nil
+	return recs, after, nil
+}
+
+// parseRecord reads the record at the start of b: its number, payload and
+// length with the header, and whether its length and checksum hold.
+func parseRecord(b []byte) (seq uint64, payload []byte, size int, ok bool) {
+	if len(b) < recHeader {
+		return 0, nil, 0, false
+	}
+	n := int(binary.LittleEndian.Uint32(b[0:]))
+	sum := binary.LittleEndian.Uint32(b[4:])
+	seq = binary.LittleEndian.Uint64(b[8:])
+	if n == 0 || n > len(b)-recHeader {
+		return 0, nil, 0, false
+	}
+	body := b[8 : recHeader+n]
+	if crc32.Checksum(body, castagnoli) != sum {
+		return 0, nil, 0, false
+	}
+	return seq, body[8:], recHeader + n, true
 }
 
 // unapplied returns the records of both segments numbered after applied,
@@ -156,15 +180,25 @@ func readSegment(s *segment, i int) ([]record, error) {
 // acknowledged grants.
 func unapplied(segs [2]*segment, applied uint64) ([]record, error) {
 	var recs []record
+	dir := filepath.Dir(segs[0].path)
+	// Without the log, keyd starts from keyd.db alone.
+	moveAway := fmt.Sprintf("to start anyway, losing every record after %d, move %s and %s out of %s",
+		applied, segmentName(0), segmentName(1), dir)
 	for i, s := range segs {
-		rs, err := readSegment(s, i)
+		rs, after, err := readSegment(s, i)
 		if err != nil {
 			return nil, err
 		}
+		last := applied
 		for _, r := range rs {
 			if r.seq > applied {
 				recs = append(recs, r)
 			}
+			last = max(last, r.seq)
+		}
+		if after > last {
+			return nil, fmt.Errorf("write-ahead log is damaged: %s has a bad record after record %d and valid ones up to %d after it, so acknowledged grants would be lost; %s",
+				s.path, last, after, moveAway)
 		}
 	}
 	slices.SortFunc(recs, func(a, b record) int {
@@ -179,9 +213,13 @@ func unapplied(segs [2]*segment, applied uint64) ([]record, error) {
 	next := applied + 1
 	for _, r := range recs {
 		if r.seq != next {
-			return nil, fmt.Errorf("write-ahead log is damaged: record %d follows %d in %s (keyd.db has every record up to %d); "+
-				"move %s and %s out of the state dir to start without the records after %d",
-				r.seq, next-1, segs[r.seg].path, applied, segmentName(0), segmentName(1), next-1)
+			if applied == 0 && next == 1 {
+				return nil, fmt.Errorf("the write-ahead log in %s starts at record %d, but %s has none of it: %s is new or was replaced; "+
+					"put back the %s these logs belong to, or move %s and %s out of %s to start from %s alone",
+					dir, r.seq, FileName, FileName, FileName, segmentName(0), segmentName(1), dir, FileName)
+			}
+			return nil, fmt.Errorf("write-ahead log is damaged: record %d follows %d in %s (%s has every record up to %d); %s",
+				r.seq, next-1, segs[r.seg].path, FileName, applied, moveAway)
 		}
 		next++
 	}
@@ -208,18 +246,32 @@ func (s *segment) appendRecord(rec []byte, off int64, seq uint64) error {
 	return nil
 }
 
+// zeros is what grow writes.
+var zeros [growStep]byte
+
+// growError is a failure to grow a segment, before any of the record was
+// written: it fails the record's group, not the log.
+type growError struct{ err error }
+
+func (e *growError) Error() string { return e.err.Error() }
+func (e *growError) Unwrap() error { return e.err }
+
 // grow extends the file with zeros to at least end. Zeros, not a hole or
 // fallocate: writing into either later changes the file's block map, which
-// the next fdatasync would have to flush too.
+// the next fdatasync would have to flush too. On failure the size stays
+// what it was; zeros written past it are harmless.
 func (s *segment) grow(end int64) error {
 	step := min(max(s.size, minGrow), growStep)
 	size := s.size + step
 	for size < end {
 		size += step
 	}
-	zeros := make([]byte, size-s.size)
-	if _, err := s.f.WriteAt(zeros, s.size); err != nil {
-		return fmt.Errorf("growing %s: %w", s.path, err)
+	for off := s.size; off < size; {
+		n, err := s.f.WriteAt(zeros[:min(int64(len(zeros)), size-off)], off)
+		if err != nil {
+			return &growError{fmt.Errorf("growing %s: %w", s.path, err)}
+		}
+		off += int64(n)
 	}
 	s.size = size
 	return nil
@@ -251,7 +303,9 @@ func recoverLog(bdb *bolt.DB, segs [2]*segment) (seq uint64, n int, err error) {
 	p := newPending()
 	for _, r := range recs {
 		if err := p.merge(r.seq, r.payload); err != nil {
-			return 0, 0, fmt.Errorf("write-ahead log record %d in %s: %w", r.seq, segs[r.seg].path, err)
+			return 0, 0, fmt.Errorf("write-ahead log record %d in %s does not decode (%w): was it written by another keyd? "+
+				"To start from %s alone, losing the records from %d on, move %s and %s out of %s",
+				r.seq, segs[r.seg].path, err, FileName, r.seq, segmentName(0), segmentName(1), filepath.Dir(segs[r.seg].path))
 		}
 	}
 	if err := bdb.Update(p.apply); err != nil {

@@ -1,12 +1,14 @@
 package store
 
 import (
+	"context"
 	"encoding/binary"
 	"fmt"
 	"os"
 	"path/filepath"
 	"strconv"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -184,7 +186,8 @@ func setApplied(t *testing.T, dir string, seq uint64) {
 
 // TestLogSegments: records are taken from both segments in sequence
 // order, those keyd.db has are skipped, and each segment ends where its
-// numbers stop following each other (the rest is an older pass).
+// numbers stop following each other (the rest is an older pass, with
+// lower numbers).
 func TestLogSegments(t *testing.T) {
 	for _, tc := range []struct {
 		name    string
@@ -196,18 +199,10 @@ func TestLogSegments(t *testing.T) {
 		{"both, newer in 0", 0, [2][]uint64{{4, 5}, {1, 2, 3}}, "s1,s2,s3,s4,s5"},
 		{"older segment applied", 3, [2][]uint64{{4, 5}, {1, 2, 3}}, "s4,s5"},
 		{"older pass after the end", 6, [2][]uint64{{7, 8, 3, 4}, {5, 6}}, "s7,s8"},
-		{"a number out of sequence ends it", 4, [2][]uint64{{5, 6, 10, 11}, nil}, "s5,s6"},
 		{"nothing new", 8, [2][]uint64{{7, 8}, {5, 6}}, ""},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			dir := t.TempDir()
-			db, err := Open(dir, Options{})
-			if err != nil {
-				t.Fatal(err)
-			}
-			db.Close()
-			setApplied(t, dir, tc.applied)
-			writeLog(t, dir, tc.seqs)
+			dir := newLogDir(t, tc.applied, tc.seqs)
 			db2 := openOpts(t, dir, Options{})
 			if g := leaseIDs(load(t, db2, time.Time{})); g != tc.want {
 				t.Errorf("leases %q, want %q", g, tc.want)
@@ -216,38 +211,76 @@ func TestLogSegments(t *testing.T) {
 	}
 }
 
-// TestLogGap: a segment damaged before its end (here: the older one) leaves
-// a gap that Open refuses to paper over, naming the files and the way out.
-func TestLogGap(t *testing.T) {
+// newLogDir makes a state dir whose keyd.db has every record up to
+// applied and whose segments hold the records seqs.
+func newLogDir(t *testing.T, applied uint64, seqs [2][]uint64) string {
+	t.Helper()
 	dir := t.TempDir()
 	db, err := Open(dir, Options{})
 	if err != nil {
 		t.Fatal(err)
 	}
 	db.Close()
-	writeLog(t, dir, [2][]uint64{{1, 2, 3}, {4, 5}})
-	// Damage record 2 in segment 0: segment 0 now ends after record 1.
-	path := filepath.Join(dir, segmentName(0))
-	b, err := os.ReadFile(path)
-	if err != nil {
-		t.Fatal(err)
-	}
-	n := recHeader + int(binary.LittleEndian.Uint32(b))
-	b[n+recHeader+5] ^= 1
-	if err := os.WriteFile(path, b, 0o600); err != nil {
-		t.Fatal(err)
-	}
-	_, err = Open(dir, Options{})
-	if err == nil {
-		t.Fatal("Open succeeded over a gap in the log")
-	}
-	for _, want := range []string{"write-ahead log is damaged", "record 4 follows 1", segmentName(1), "keyd.db has every record up to 0", "move keyd.0.wal and keyd.1.wal"} {
-		if !strings.Contains(err.Error(), want) {
-			t.Errorf("error %q lacks %q", err, want)
-		}
-	}
-	if _, err := os.Stat(filepath.Join(dir, PIDFileName)); !os.IsNotExist(err) {
-		t.Errorf("pid file left by a refused Open: %v", err)
+	setApplied(t, dir, applied)
+	writeLog(t, dir, seqs)
+	return dir
+}
+
+// TestLogDamage: a log that lost records other than by a torn last write
+// refuses to start, naming the files, what keyd.db has and the way out:
+// a damaged record followed by valid ones, a gap between the segments, a
+// number out of sequence (no pass writes a higher number after a lower
+// one), a log whose keyd.db was replaced.
+func TestLogDamage(t *testing.T) {
+	for _, tc := range []struct {
+		name    string
+		applied uint64
+		seqs    [2][]uint64
+		damage  int // the record of segment 0 to damage, -1 for none
+		want    []string
+	}{
+		{"damaged record in the middle", 0, [2][]uint64{{1, 2, 3}, nil}, 1, []string{
+			"write-ahead log is damaged", segmentName(0) + " has a bad record after record 1 and valid ones up to 3 after it",
+			"losing every record after 0, move keyd.0.wal and keyd.1.wal out of "}},
+		{"gap between segments", 2, [2][]uint64{{1, 2, 3}, {5, 6}}, -1, []string{
+			"write-ahead log is damaged: record 5 follows 3 in", segmentName(1), "keyd.db has every record up to 2",
+			"losing every record after 2, move keyd.0.wal and keyd.1.wal out of "}},
+		{"number out of sequence", 4, [2][]uint64{{5, 6, 10, 11}, nil}, -1, []string{
+			segmentName(0) + " has a bad record after record 6 and valid ones up to 11 after it"}},
+		{"keyd.db replaced", 0, [2][]uint64{{7, 8}, nil}, -1, []string{
+			"starts at record 7, but keyd.db has none of it: keyd.db is new or was replaced",
+			"put back the keyd.db these logs belong to, or move keyd.0.wal and keyd.1.wal out of "}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			dir := newLogDir(t, tc.applied, tc.seqs)
+			if tc.damage >= 0 {
+				path := filepath.Join(dir, segmentName(0))
+				b, err := os.ReadFile(path)
+				if err != nil {
+					t.Fatal(err)
+				}
+				off := 0
+				for range tc.damage {
+					off += recHeader + int(binary.LittleEndian.Uint32(b[off:]))
+				}
+				b[off+recHeader+5] ^= 1 // in the payload
+				if err := os.WriteFile(path, b, 0o600); err != nil {
+					t.Fatal(err)
+				}
+			}
+			_, err := Open(dir, Options{})
+			if err == nil {
+				t.Fatal("Open succeeded over a damaged log")
+			}
+			for _, want := range tc.want {
+				if !strings.Contains(err.Error(), want) {
+					t.Errorf("error %q lacks %q", err, want)
+				}
+			}
+			if _, err := os.Stat(filepath.Join(dir, PIDFileName)); !os.IsNotExist(err) {
+				t.Errorf("pid file left by a refused Open: %v", err)
+			}
+		})
 	}
 }
 
@@ -356,4 +389,39 @@ func TestSchemaOneUpgrades(t *testing.T) {
 		}
 		return nil
 	})
+}
+
+// TestLogFullCheckpointFailing: with keyd.db unwritable, the log fills;
+// commits then fail at once with the checkpoint's error and the way out,
+// and keyd.db is retried once a second, not once per commit.
+func TestLogFullCheckpointFailing(t *testing.T) {
+	var lines atomic.Int64
+	db, err := Open(t.TempDir(), Options{CheckpointBytes: 2 << 10, MaxSegmentBytes: 8 << 10, CheckpointInterval: time.Hour,
+		Logf: func(string, ...any) { lines.Add(1) }})
+	if err != nil {
+		t.Fatal(err)
+	}
+	db.bolt.Close() // every checkpoint fails from now on
+	var failed int
+	for i := 0; failed < 200; i++ {
+		if i > 10000 {
+			t.Fatal("the log never filled")
+		}
+		err := db.Commit(context.Background(), &Batch{Leases: []Lease{lease(fmt.Sprintf("l%05d", i), t0)}})
+		if err == nil {
+			continue
+		}
+		failed++
+		for _, want := range []string{"write-ahead log", "is full, and ", "keyd retries every 1s: free space in"} {
+			if !strings.Contains(err.Error(), want) {
+				t.Fatalf("error %q lacks %q", err, want)
+			}
+		}
+	}
+	if n := lines.Load(); n > 5 {
+		t.Errorf("%d log lines for 200 failed commits: the checkpoint was retried per commit", n)
+	}
+	if err := db.Close(); err == nil {
+		t.Error("Close succeeded with records it could not checkpoint")
+	}
 }

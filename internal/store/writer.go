@@ -111,9 +111,18 @@ func (db *DB) commitGroup(group []*request) {
 	if n == 0 {
 		return
 	}
-	if err == nil && len(rec) > recHeader {
+	if err == nil && len(rec) == recHeader {
 		// A group of empty batches has nothing to log; every group before
-		// it is already durable, so it is answered at once.
+		// it is already durable, so it is answered at once, and is not a
+		// commit in the stats.
+		for _, r := range group {
+			if r.ctl == nil {
+				r.done <- nil
+			}
+		}
+		return
+	}
+	if err == nil {
 		err = db.writeRecord(rec)
 	}
 	db.recCap = max(db.recCap/2, min(len(rec), maxKeptBuf))
@@ -154,17 +163,22 @@ func (db *DB) writeRecord(rec []byte) error {
 		if db.ckptRunning {
 			db.checkpointDone(<-db.ckptDone)
 		}
-		if db.retry != nil {
+		if db.retry != nil && !time.Now().Before(db.retryAt) {
 			db.runJob(&ckptJob{pends: db.retry})
-			if db.retry != nil {
-				return fmt.Errorf("write-ahead log %s is full and the checkpoint into %s fails: %w",
-					db.segs[db.active].path, db.path, db.retryErr)
-			}
+		}
+		if db.retry != nil {
+			return fmt.Errorf("write-ahead log %s is full, and %w; keyd retries every %v: free space in %s or fix what the error names",
+				db.segs[db.active].path, db.retryErr, retryDelay, db.dir)
 		}
 		db.startCheckpoint()
 	}
 	seq := db.seq + 1
 	if err := db.segs[db.active].appendRecord(rec, db.off, seq); err != nil {
+		var ge *growError
+		if errors.As(err, &ge) {
+			// Nothing of the record was written: only this group fails.
+			return fmt.Errorf("%w: free space in %s", err, db.dir)
+		}
 		db.broken = fmt.Errorf("%w: %w", errLogBroken, err)
 		db.logf("store: %v", db.broken)
 		return db.broken
@@ -255,7 +269,7 @@ func (db *DB) apply(j *ckptJob) error {
 		for _, c := range j.ctls {
 			if c.ctl.prune != nil {
 				if err := prune(tx, c.ctl.prune); err != nil {
-					return err
+					return fmt.Errorf("pruning: %w", err)
 				}
 			}
 		}
