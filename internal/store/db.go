@@ -168,11 +168,11 @@ type DB struct {
 	ckptBytes  int
 	ckptEvery  time.Duration
 	maxSegment int64
-	// ckptRunning: a job runs in the background; retry: the pendings of a
+	// ckptRunning: a job runs in the background; retry: the records of a
 	// failed checkpoint, whose segment stays in use until they are in
 	// keyd.db.
 	ckptRunning bool
-	retry       []*pending
+	retry       *pending
 	retryErr    error
 	retryAt     time.Time
 	finishErr   error // what the last checkpoint at Close failed with

@@ -29,13 +29,12 @@ type control struct {
 
 type pruneArgs struct{ before, reportedBefore, usageBefore time.Time }
 
-// ckptJob is one checkpoint: the pendings to apply in order (the net
-// effect of one segment's records), and the control requests to answer
-// once they are in keyd.db.
+// ckptJob is one checkpoint: the net effect of one segment's records (nil
+// for none), and the control requests to answer once it is in keyd.db.
 type ckptJob struct {
-	pends []*pending
-	ctls  []*request
-	err   error
+	pend *pending
+	ctls []*request
+	err  error
 }
 
 // run is the writer goroutine. It takes every request pending, appends
@@ -164,7 +163,7 @@ func (db *DB) writeRecord(rec []byte) error {
 			db.checkpointDone(<-db.ckptDone)
 		}
 		if db.retry != nil && !time.Now().Before(db.retryAt) {
-			db.runJob(&ckptJob{pends: db.retry})
+			db.runJob(&ckptJob{pend: db.retry})
 		}
 		if db.retry != nil {
 			return fmt.Errorf("write-ahead log %s is full, and %w; keyd retries every %v: free space in %s or fix what the error names",
@@ -212,7 +211,7 @@ func (db *DB) maybeCheckpoint(now time.Time) time.Time {
 			return db.retryAt
 		}
 		db.ckptRunning = true
-		go db.runAsync(&ckptJob{pends: db.retry})
+		go db.runAsync(&ckptJob{pend: db.retry})
 		return time.Time{}
 	}
 	if !db.cur.empty() {
@@ -231,16 +230,23 @@ func (db *DB) maybeCheckpoint(now time.Time) time.Time {
 // background checkpoint and switches the log to the other segment, which
 // must be clean (no checkpoint running, none failed).
 func (db *DB) startCheckpoint() {
+	j := db.takeJob()
+	db.ckptRunning = true
+	go db.runAsync(j)
+}
+
+// takeJob hands cur, if it holds records, and the waiting control
+// requests to a new job, and switches the log to the other segment.
+func (db *DB) takeJob() *ckptJob {
 	j := &ckptJob{ctls: db.waiting}
 	db.waiting = nil
 	if !db.cur.empty() {
-		j.pends = []*pending{db.cur}
+		j.pend = db.cur
 		db.cur = newPending()
 		db.active = 1 - db.active
 		db.off = 0
 	}
-	db.ckptRunning = true
-	go db.runAsync(j)
+	return j
 }
 
 func (db *DB) runAsync(j *ckptJob) {
@@ -257,12 +263,12 @@ func (db *DB) runJob(j *ckptJob) {
 // apply writes a job into keyd.db in one bbolt transaction, or in none
 // when it has nothing to write.
 func (db *DB) apply(j *ckptJob) error {
-	if len(j.pends) == 0 && !slices.ContainsFunc(j.ctls, func(r *request) bool { return r.ctl.prune != nil }) {
+	if j.pend == nil && !slices.ContainsFunc(j.ctls, func(r *request) bool { return r.ctl.prune != nil }) {
 		return nil
 	}
 	err := db.bolt.Update(func(tx *bolt.Tx) error {
-		for _, p := range j.pends {
-			if err := p.apply(tx); err != nil {
+		if j.pend != nil {
+			if err := j.pend.apply(tx); err != nil {
 				return err
 			}
 		}
@@ -289,26 +295,22 @@ func (db *DB) apply(j *ckptJob) error {
 func (db *DB) checkpointDone(j *ckptJob) {
 	db.ckptRunning = false
 	if j.err != nil {
-		if len(j.pends) > 0 {
-			db.retry, db.retryErr = j.pends, j.err
+		if j.pend != nil {
+			db.retry, db.retryErr = j.pend, j.err
 			db.retryAt = time.Now().Add(retryDelay)
 			db.logf("store: %v (retrying in %v; the log keeps the records meanwhile)", j.err, retryDelay)
 		}
 	} else {
-		if len(j.pends) > 0 {
+		if j.pend != nil {
 			db.checkpoints.Add(1)
-		}
-		if j.pends != nil && sameSlice(j.pends, db.retry) {
-			db.retry, db.retryErr = nil, nil
+			if j.pend == db.retry {
+				db.retry, db.retryErr = nil, nil
+			}
 		}
 	}
 	for _, r := range j.ctls {
 		r.done <- j.err
 	}
-}
-
-func sameSlice(a, b []*pending) bool {
-	return len(a) > 0 && len(b) > 0 && &a[0] == &b[0]
 }
 
 // retryDelay is the pause between attempts of a failed checkpoint.
@@ -321,15 +323,10 @@ func (db *DB) finish() {
 		db.checkpointDone(<-db.ckptDone)
 	}
 	if db.retry != nil {
-		db.runJob(&ckptJob{pends: db.retry})
+		db.runJob(&ckptJob{pend: db.retry})
 	}
 	if db.retry == nil && (!db.cur.empty() || len(db.waiting) > 0) {
-		j := &ckptJob{ctls: db.waiting}
-		db.waiting = nil
-		if !db.cur.empty() {
-			j.pends = []*pending{db.cur}
-			db.cur = newPending()
-		}
+		j := db.takeJob()
 		db.runJob(j)
 		if j.err != nil {
 			db.finishErr = j.err
