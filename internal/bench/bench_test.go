@@ -267,11 +267,17 @@ func TestScaleSmoke(t *testing.T) {
 	if r := res.Rows[1]; r.Keys != 10 || r.Projects != 10 || r.AskedProjects != 100 {
 		t.Errorf("10 keys in 100 projects: %+v", r)
 	}
-	if len(res.Restores) != 1 || res.Restores[0].Leases != 3000 || len(res.Restores[0].Startup) != 2 {
+	if len(res.Restores) != 2 || !res.Restores[0].Reported || res.Restores[1].Reported {
 		t.Errorf("restores %+v", res.Restores)
 	}
+	for _, r := range res.Restores {
+		if r.Leases != 3000 || len(r.Startup) != 2 {
+			t.Errorf("restore %+v", r)
+		}
+	}
 	md := res.Markdown()
-	for _, want := range []string{"| 200 | 100 |", "## Startup with leases in the store", "Startup grows with the leases", "10 (asked 100: one key each)", "## Startup and memory"} {
+	for _, want := range []string{"| 200 | 100 |", "## Startup with leases in the store", "Startup pays for every row in the store",
+		"| 3000 | yes | 2–5/s |", "| 3000 | no | 1–1/s |", "leaves up to 1,260,000 of them", "never reported leave 4,860,000 rows", "10 (asked 100: one key each)", "## Startup and memory"} {
 		if !strings.Contains(md, want) {
 			t.Errorf("markdown lacks %q:\n%s", want, md)
 		}

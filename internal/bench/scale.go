@@ -28,8 +28,10 @@ type ScaleConfig struct {
 	StartupRuns int    // fresh starts timed per size
 	HealthCalls int    // GET /v1/health calls timed per size
 	Dir         string // parent of the state dirs (default os.TempDir())
-	// RestoreLeases are the numbers of leases written into a store (granted
-	// over the last hour, reported) before keyd starts on it with 10 keys.
+	// RestoreLeases are the numbers of leases written into a store before
+	// keyd starts on it with 10 keys: each once all reported (reports over
+	// the last ReportedSpan) and once all unreported (grants over the last
+	// UnreportedSpan).
 	RestoreLeases []int
 	// ChooseTime is the -benchtime of BenchmarkChooseKeys
 	// (internal/daemon), e.g. "300x"; empty skips it.
@@ -55,6 +57,7 @@ type ScaleRow struct {
 // RestoreRow is keyd's start on a store already holding Leases leases.
 type RestoreRow struct {
 	Leases    int
+	Reported  bool // all reported, over ReportedSpan; else none, over UnreportedSpan
 	FileBytes int64
 	Write     time.Duration // writing them with internal/store
 	Startup   []time.Duration
@@ -101,13 +104,15 @@ func RunScale(ctx context.Context, cfg ScaleConfig) (*ScaleResult, error) {
 			res.Rows = append(res.Rows, row)
 		}
 	}
-	for _, n := range cfg.RestoreLeases {
-		row, err := cfg.measureRestore(ctx, n)
-		if err != nil {
-			load.Stop()
-			return nil, fmt.Errorf("restoring %d leases: %w", n, err)
+	for _, reported := range []bool{true, false} {
+		for _, n := range cfg.RestoreLeases {
+			row, err := cfg.measureRestore(ctx, n, reported)
+			if err != nil {
+				load.Stop()
+				return nil, fmt.Errorf("restoring %d %s leases: %w", n, reportedWord(reported), err)
+			}
+			res.Restores = append(res.Restores, row)
 		}
-		res.Restores = append(res.Restores, row)
 	}
 	res.Load = load.Stop()
 	if cfg.ChooseTime != "" {
@@ -235,9 +240,60 @@ func (c *ScaleConfig) measure(ctx context.Context, n, projects int) (row *ScaleR
 // RestoreKeys is the key count of the restore measurement.
 const RestoreKeys = 10
 
-// measureRestore writes n reported leases, granted over the last hour,
-// into a fresh store with internal/store, then times keyd's start on it.
-func (c *ScaleConfig) measureRestore(ctx context.Context, n int) (row *RestoreRow, err error) {
+// The retention the restore measurement models (internal/daemon's
+// leaseGrace, reportRetention and prune call, at the default lease_ttl).
+// keyd prunes its store every 10 minutes, with a minute of slack: the
+// rows of the unreported leases granted more than lease_ttl + 1 h + 1 min
+// before, and of the leases reported more than 10 min + 1 min before. So
+// between two prunes the store holds the reports of the last 11 to 21
+// minutes and the unreported grants of the last 71 to 81 minutes; at
+// start keyd reads every row, keeps those of the last lease_ttl + 1 h,
+// and of those keeps the reported ones only as answers, and only if
+// reported in the last 10 minutes.
+const (
+	restoreTTL      = 10 * time.Minute // the default lease_ttl
+	restoreGrace    = time.Hour        // leaseGrace
+	restoreAnswers  = 10 * time.Minute // reportRetention
+	restorePruneGap = 10 * time.Minute // between two prunes
+	restoreSlack    = time.Minute      // of each prune
+
+	// ReportedSpan and UnreportedSpan are the spans of report and grant
+	// times of the reported and the unreported rows in the store just
+	// before a prune (at their most).
+	ReportedSpan   = restoreAnswers + restoreSlack + restorePruneGap
+	UnreportedSpan = restoreTTL + restoreGrace + restoreSlack + restorePruneGap
+
+	// restoreHold is how long after its grant a lease is reported.
+	restoreHold = time.Second
+)
+
+// restoreSpans are the spans of report (reported) or grant (unreported)
+// times in the store just after and just before a prune.
+func restoreSpans(reported bool) (low, high time.Duration) {
+	if reported {
+		return ReportedSpan - restorePruneGap, ReportedSpan
+	}
+	return UnreportedSpan - restorePruneGap, UnreportedSpan
+}
+
+func reportedWord(reported bool) string {
+	if reported {
+		return "reported"
+	}
+	return "unreported"
+}
+
+// restoreRates are the sustained lease rates, per second, that leave n
+// rows in the store: at the peak of the prune cycle (the lower rate) and
+// right after a prune.
+func restoreRates(n int, reported bool) (peak, trough float64) {
+	low, high := restoreSpans(reported)
+	return float64(n) / high.Seconds(), float64(n) / low.Seconds()
+}
+
+// measureRestore writes n leases into a fresh store with internal/store,
+// as populateStore describes, then times keyd's start on it.
+func (c *ScaleConfig) measureRestore(ctx context.Context, n int, reported bool) (row *RestoreRow, err error) {
 	dir, err := os.MkdirTemp(c.Dir, "kr")
 	if err != nil {
 		return nil, err
@@ -248,15 +304,20 @@ func (c *ScaleConfig) measureRestore(ctx context.Context, n int) (row *RestoreRo
 	if err != nil {
 		return nil, err
 	}
-	state := filepath.Join(dir, "state")
-	row = &RestoreRow{Leases: n}
+	// Each start gets a copy of the store as written: a keyd that runs
+	// for a second prunes it, and so would change it for the next.
+	seed, state := filepath.Join(dir, "seed"), filepath.Join(dir, "state")
+	row = &RestoreRow{Leases: n, Reported: reported}
 	t0 := time.Now()
-	if err := populateStore(ctx, state, keys, n, time.Now()); err != nil {
+	if err := populateStore(ctx, seed, keys, n, reported, time.Now()); err != nil {
 		return nil, err
 	}
 	row.Write = time.Since(t0)
-	row.FileBytes = fileSize(filepath.Join(state, store.FileName))
+	row.FileBytes = fileSize(filepath.Join(seed, store.FileName))
 	for range c.StartupRuns {
+		if err := copyFiles(state, seed); err != nil {
+			return nil, err
+		}
 		k, err := StartKeyd(ctx, c.KeydBin, KeydFiles{Config: config, EnvFile: env, StateDir: state,
 			Socket: filepath.Join(dir, "s.sock"), Log: filepath.Join(dir, "keyd.log")})
 		if err != nil {
@@ -272,14 +333,60 @@ func (c *ScaleConfig) measureRestore(ctx context.Context, n int) (row *RestoreRo
 		row.Startup = append(row.Startup, k.Startup)
 		row.Mem = append(row.Mem, m)
 	}
-	c.logf("restore: %d leases in the store (%.1f MiB): startup %v, RSS %.1f MiB", n, mib(row.FileBytes),
+	c.logf("restore: %d %s leases in the store (%.1f MiB): startup %v, RSS %.1f MiB", n, reportedWord(reported), mib(row.FileBytes),
 		medianDur(row.Startup).Round(time.Millisecond), mib(row.Mem[len(row.Mem)-1].RSS))
 	return row, nil
 }
 
-// populateStore writes n reported leases of keys, granted evenly over the
-// hour before now, and the day's count, as keyd would have recorded them.
-func populateStore(ctx context.Context, dir string, keys []Key, n int, now time.Time) error {
+// copyFiles makes dst a copy of src, a directory of regular files: it
+// removes dst first.
+func copyFiles(dst, src string) error {
+	if err := os.RemoveAll(dst); err != nil {
+		return err
+	}
+	if err := os.Mkdir(dst, 0o700); err != nil {
+		return err
+	}
+	ents, err := os.ReadDir(src)
+	if err != nil {
+		return err
+	}
+	for _, e := range ents {
+		if !e.Type().IsRegular() {
+			return fmt.Errorf("copying %s: %s is not a regular file", src, e.Name())
+		}
+		if err := copyFile(filepath.Join(dst, e.Name()), filepath.Join(src, e.Name())); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+func copyFile(dst, src string) error {
+	in, err := os.Open(src)
+	if err != nil {
+		return err
+	}
+	defer in.Close()
+	out, err := os.OpenFile(dst, os.O_WRONLY|os.O_CREATE|os.O_EXCL, 0o600)
+	if err != nil {
+		return err
+	}
+	if _, err := io.Copy(out, in); err != nil {
+		out.Close()
+		return err
+	}
+	return out.Close()
+}
+
+// populateStore writes n leases of keys, and the day's count, as keyd
+// would have left them in its store at a sustained rate: if reported,
+// each reported restoreHold after its grant, the reports spread evenly
+// over the ReportedSpan before now (the store of clients that report
+// every lease, just before a prune); if not, none reported, the grants
+// spread evenly over the UnreportedSpan before now (the store of clients
+// that never report).
+func populateStore(ctx context.Context, dir string, keys []Key, n int, reported bool, now time.Time) error {
 	db, err := store.Open(dir, store.Options{})
 	if err != nil {
 		return err
@@ -290,10 +397,16 @@ func populateStore(ctx context.Context, dir string, keys []Key, n int, now time.
 		b := &store.Batch{}
 		for j := i; j < min(i+batch, n); j++ {
 			k := keys[j%len(keys)]
-			at := now.Add(-time.Hour + time.Duration(j)*time.Hour/time.Duration(n))
-			b.Leases = append(b.Leases, store.Lease{ID: newLeaseID(at), KeyID: k.ID, Project: k.Project, Model: k.Model,
-				Client: "bench", Tokens: 1000, GrantedAt: at, ExpiresAt: at.Add(10 * time.Minute), Day: day,
-				Reported: true, ReportedAt: at.Add(time.Second), Classification: "success", PromptTokens: 900, OutputTokens: 100})
+			l := store.Lease{KeyID: k.ID, Project: k.Project, Model: k.Model, Client: "bench", Tokens: 1000, Day: day}
+			if reported {
+				rep := now.Add(-ReportedSpan + time.Duration(j)*ReportedSpan/time.Duration(n))
+				l.GrantedAt = rep.Add(-restoreHold)
+				l.Reported, l.ReportedAt, l.Classification, l.PromptTokens, l.OutputTokens = true, rep, "success", 900, 100
+			} else {
+				l.GrantedAt = now.Add(-UnreportedSpan + time.Duration(j)*UnreportedSpan/time.Duration(n))
+			}
+			l.ID, l.ExpiresAt = newLeaseID(l.GrantedAt), l.GrantedAt.Add(restoreTTL)
+			b.Leases = append(b.Leases, l)
 		}
 		if err := db.Commit(ctx, b); err != nil {
 			db.Close()
@@ -331,6 +444,18 @@ func (r *ScaleRow) leaseP50s(clients []int) string {
 		}
 	}
 	return strings.Join(s, " ")
+}
+
+// commaInt writes n with thousands separators: 1260000 is "1,260,000".
+func commaInt(n int) string {
+	if n < 0 {
+		return "-" + commaInt(-n)
+	}
+	s := fmt.Sprint(n)
+	for i := len(s) - 3; i > 0; i -= 3 {
+		s = s[:i] + "," + s[i:]
+	}
+	return s
 }
 
 func mib(b int64) float64 { return float64(b) / (1 << 20) }
@@ -381,7 +506,8 @@ func (res *ScaleResult) Markdown() string {
 	w("(peak: VmHWM). Then %d `GET /v1/health` one after another, then lease+report pairs for %v (after %v\n", c.HealthCalls, c.Duration, c.Warmup)
 	w("of warm-up) at each client count, through the public client on the socket, with the durable store. Last,\n")
 	w("keyd is stopped (SIGTERM) and started again, %d times, on the store those leases left: *restart* is that\n", c.StartupRuns)
-	w("startup, which restores every lease of the last 70 minutes (lease_ttl + 1 h).\n\n")
+	w("startup, which reads back every lease of those runs (all reported seconds before, so keyd rebuilds its\n")
+	w("rate windows from them and keeps each only as its report's answer).\n\n")
 
 	w("## Lease latency\n\n")
 	w("| keys | projects | lease p50 ms | lease p99 ms | pair p50 ms | pairs/s | keyd CPU µs/pair |")
@@ -512,20 +638,68 @@ func (res *ScaleResult) findings(b *strings.Builder) {
 			Ms(medianDur(a.Startup)), a.Keys, Ms(medianDur(z.Startup)), z.Keys,
 			mib(int64(medianRSS(a.StartMem))), mib(int64(medianRSS(z.StartMem))))
 	}
-	if len(res.Restores) > 0 && len(one) > 0 && one[0].Keys == RestoreKeys {
-		base := one[0]
-		r := res.Restores[len(res.Restores)-1]
-		perLease := float64(medianDur(r.Startup)-medianDur(base.Startup)) / float64(time.Microsecond) / float64(r.Leases)
-		perMem := (medianRSS(r.Mem) - medianRSS(base.StartMem)) / float64(r.Leases)
-		w("- **Startup grows with the leases of the last 70 minutes.** With %d leases in the store (a sustained\n", r.Leases)
-		w("  %.0f leases/s) keyd took %.0f ms to start against %.1f ms on an empty store: about %.1f µs and %.0f bytes\n",
-			float64(r.Leases)/4200, Ms(medianDur(r.Startup)), Ms(medianDur(base.Startup)), perLease, perMem)
-		w("  of RSS per lease held (RSS includes the GC's headroom). Leases are held for 70 minutes whether or not\n")
-		w("  they were reported: a keyd granting 1,000 leases/s would hold 4.2 million, about %.1f GiB, and take\n",
-			4.2e6*perMem/(1<<30))
-		w("  about %.0f s to restart, if both stay linear.\n", 4.2e6*perLease/1e6)
+	if len(one) > 0 && one[0].Keys == RestoreKeys {
+		res.restoreFindings(b, one[0])
 	}
 	w("\n")
+}
+
+// restoreFindings states how startup and memory grow with the rows in
+// the store, from the largest store of each kind, against base's starts
+// on an empty store.
+func (res *ScaleResult) restoreFindings(b *strings.Builder, base *ScaleRow) {
+	w := func(format string, args ...any) { fmt.Fprintf(b, format, args...) }
+	largest := func(reported bool) *RestoreRow {
+		var r *RestoreRow
+		for _, x := range res.Restores {
+			if x.Reported == reported && (r == nil || x.Leases > r.Leases) {
+				r = x
+			}
+		}
+		return r
+	}
+	// per returns the startup µs and RSS bytes per row of r above base.
+	per := func(r *RestoreRow) (us, bytes float64) {
+		return float64(medianDur(r.Startup)-medianDur(base.Startup)) / float64(time.Microsecond) / float64(r.Leases),
+			(medianRSS(r.Mem) - medianRSS(base.StartMem)) / float64(r.Leases)
+	}
+	const rate = 1000 // leases/s, for the extrapolations
+	rep, unrep := largest(true), largest(false)
+	if rep == nil || unrep == nil {
+		return
+	}
+	rus, rby := per(rep)
+	uus, uby := per(unrep)
+	rpeak, _ := restoreRates(rep.Leases, true)
+	upeak, _ := restoreRates(unrep.Leases, false)
+	kept := float64(restoreTTL+restoreGrace) / float64(UnreportedSpan)
+	w("- **Startup pays for every row in the store, whatever keyd keeps of it.** Against %.1f ms and %.1f MiB\n",
+		Ms(medianDur(base.Startup)), mib(int64(medianRSS(base.StartMem))))
+	w("  on an empty store: with %d reported leases (what %.0f reported leases/s leave just before a prune)\n", rep.Leases, rpeak)
+	w("  keyd took %.0f ms to start and had %.0f MiB of RSS, about %.1f µs and %.0f bytes per row; with %d\n",
+		Ms(medianDur(rep.Startup)), mib(int64(medianRSS(rep.Mem))), rus, rby, unrep.Leases)
+	w("  unreported ones (what %.0f leases/s that are never reported leave; keyd keeps the %.0f%% granted in\n", upeak, 100*kept)
+	w("  the last 70 minutes in full) %.0f ms and %.0f MiB, about %.1f µs and %.0f bytes per row. keyd reads\n",
+		Ms(medianDur(unrep.Startup)), mib(int64(medianRSS(unrep.Mem))), uus, uby)
+	w("  and decodes every row at start: a reported row, of which it keeps at most a small answer, ")
+	switch ratio := rus / uus; {
+	case ratio > 1.1:
+		w("costs\n  more startup than an unreported one, which it keeps whole.")
+	case ratio >= 0.9:
+		w("costs\n  about as much startup as an unreported one, which it keeps whole.")
+	default:
+		w("costs\n  %.0f%% of the startup of an unreported one, which it keeps whole.", 100*ratio)
+	}
+	rrows, urows := rate*ReportedSpan.Seconds(), rate*UnreportedSpan.Seconds()
+	w(" What keeps restarts short is\n")
+	w("  that reported rows leave the store 11 to 21 minutes after their report: a sustained %s reported\n", commaInt(rate))
+	w("  leases/s leaves up to %s of them, a restart of about %.0f s reaching %.1f GiB of RSS, where\n",
+		commaInt(int(rrows)), rrows*rus/1e6, rrows*rby/(1<<30))
+	w("  %s leases/s never reported leave %s rows, about %.0f s and %.1f GiB, if all stays linear.\n",
+		commaInt(rate), commaInt(int(urows)), urows*uus/1e6, urows*uby/(1<<30))
+	w("- RSS right after start includes keyd.db's pages, which bbolt maps into memory and the restore reads\n")
+	w("  whole, the rows the restore decoded all at once (garbage by then) and the GC's headroom: more than\n")
+	w("  what keyd keeps.\n")
 }
 
 // restoreMarkdown writes the table of starts on a populated store.
@@ -535,19 +709,37 @@ func (res *ScaleResult) restoreMarkdown(b *strings.Builder) {
 	}
 	w := func(format string, args ...any) { fmt.Fprintf(b, format, args...) }
 	w("## Startup with leases in the store\n\n")
-	w("keyd keeps every lease in memory until an hour after it expires (lease_ttl 10 min + 1 h = 70 minutes\n")
-	w("after its grant, reported or not), and at start it reads back and rebuilds every lease granted in\n")
-	w("those 70 minutes. Here a store is filled beforehand with internal/store (the leases of %d keys in one\n", RestoreKeys)
-	w("project, granted evenly over the last hour and reported, and the day's count), then keyd is started on\n")
-	w("it %d times. N leases in the store is what a sustained N/4,200 leases per second leaves.\n\n", res.Config.StartupRuns)
-	w("| leases in the store | sustained rate that leaves them | keyd.db MiB | startup ms | RSS after start MiB |\n")
-	w("|---:|---:|---:|---:|---:|\n")
+	w("At start keyd reads every lease row of its store, rebuilds the rate windows from those of the last 70\n")
+	w("minutes (lease_ttl 10 min + 1 h), keeps the unreported ones among them in full (a late report is\n")
+	w("still applied until an hour after expiry) and of the reported ones only the answer to a repeated report,\n")
+	w("and only if reported in the last 10 minutes. While running, keyd prunes its store every 10 minutes: it\n")
+	w("deletes the rows of the leases reported more than 11 minutes before (10 and a minute of slack) and of\n")
+	w("the unreported ones granted more than 71 minutes before. So between two prunes a keyd at a sustained\n")
+	w("rate leaves the leases reported in the last 11 to 21 minutes and the unreported ones granted in the\n")
+	w("last 71 to 81.\n\n")
+	w("Here a store is filled beforehand with internal/store as such a keyd would leave it right before a\n")
+	w("prune: the leases of %d keys in one project, and the day's count, in one of two ways.\n\n", RestoreKeys)
+	w("- *reported*: every lease reported %.0f s after its grant, the reports spread evenly over the last %.0f\n", restoreHold.Seconds(), ReportedSpan.Minutes())
+	w("  minutes: the store of clients that report every lease. N rows is what N/%s reported leases per\n", commaInt(int(ReportedSpan.Seconds())))
+	w("  second leave just before a prune (and N/%s right after one).\n", commaInt(int((ReportedSpan - restorePruneGap).Seconds())))
+	w("- *unreported*: no lease reported, the grants spread evenly over the last %.0f minutes: the store of\n", UnreportedSpan.Minutes())
+	w("  clients that never report. N rows is what N/%s unreported leases per second leave just before a\n", commaInt(int(UnreportedSpan.Seconds())))
+	w("  prune (N/%s right after one); keyd keeps the last 70 minutes' worth of them.\n\n", commaInt(int((UnreportedSpan - restorePruneGap).Seconds())))
+	w("A store in use holds a mix of the two. keyd is then started %d times, each time on a fresh copy of the\n", res.Config.StartupRuns)
+	w("store (a keyd that runs for a second prunes it).\n\n")
+	w("| leases in the store | reported | sustained rate that leaves them (before–after a prune) | keyd.db MiB | startup ms | RSS after start MiB |\n")
+	w("|---:|---|---:|---:|---:|---:|\n")
 	for _, r := range res.Restores {
 		var rss []float64
 		for _, m := range r.Mem {
 			rss = append(rss, mib(m.RSS))
 		}
-		w("| %d | %.0f/s | %.1f | %s | %s |\n", r.Leases, float64(r.Leases)/4200, mib(r.FileBytes),
+		peak, trough := restoreRates(r.Leases, r.Reported)
+		yes := "no"
+		if r.Reported {
+			yes = "yes"
+		}
+		w("| %d | %s | %.0f–%.0f/s | %.1f | %s | %s |\n", r.Leases, yes, peak, trough, mib(r.FileBytes),
 			spread("%.0f", durMs(r.Startup)), spread("%.1f", rss))
 	}
 	w("\n")
