@@ -258,21 +258,8 @@ func TestLateReportsUntilLeaseGrace(t *testing.T) {
 // reportRetention after the first report, and the store keeps the records
 // of reported leases only for about that long.
 func TestRepeatedReportsAcrossARestart(t *testing.T) {
-	dir := t.TempDir()
 	var now time.Time
-	open := func() (*store.DB, *pool) {
-		st, err := store.Open(dir, store.Options{})
-		if err != nil {
-			t.Fatal(err)
-		}
-		p, clock := clockPool(t, st, twoKeysOneProject)
-		if now.IsZero() {
-			now = *clock
-		}
-		p.now = func() time.Time { return now }
-		restoreFrom(t, p, st, now)
-		return st, p
-	}
+	open := restartable(t, &now)
 	st, p := open()
 	l1 := mustLease(t, p, api.LeaseRequest{Model: "m"})
 	l2 := mustLease(t, p, api.LeaseRequest{Model: "m"})
@@ -380,21 +367,8 @@ func TestLeaseKey(t *testing.T) {
 // restart and a prune for reportRetention after the report, although its
 // grant is older than what a restart restores for unreported leases.
 func TestLateReportAcrossARestart(t *testing.T) {
-	dir := t.TempDir()
 	var now time.Time
-	open := func() (*store.DB, *pool) {
-		st, err := store.Open(dir, store.Options{})
-		if err != nil {
-			t.Fatal(err)
-		}
-		p, clock := clockPool(t, st, twoKeysOneProject)
-		if now.IsZero() {
-			now = *clock
-		}
-		p.now = func() time.Time { return now }
-		restoreFrom(t, p, st, now)
-		return st, p
-	}
+	open := restartable(t, &now)
 	st, p := open()
 	l := mustLease(t, p, api.LeaseRequest{Model: "m"})
 	now = l.ExpiresAt.Add(leaseGrace - 5*time.Minute) // late, within the grace
@@ -413,5 +387,26 @@ func TestLateReportAcrossARestart(t *testing.T) {
 	r.Duplicate = true
 	if got := mustReport(t, p, l.LeaseID, api.ReportRequest{Status: 200}); *got != r {
 		t.Fatalf("late report repeated after a restart: %+v, want %+v", got, r)
+	}
+}
+
+// restartable returns a function that opens the store of one state dir
+// and a pool restored from it, as keyd does at a start: call it again after
+// closing the store for a restart. The pool's clock reads *now, which the
+// first call sets to the test pools' start time if it is zero.
+func restartable(t *testing.T, now *time.Time) func() (*store.DB, *pool) {
+	dir := t.TempDir()
+	return func() (*store.DB, *pool) {
+		st, err := store.Open(dir, store.Options{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		p, clock := clockPool(t, st, twoKeysOneProject)
+		if now.IsZero() {
+			*now = *clock
+		}
+		p.now = func() time.Time { return *now }
+		restoreFrom(t, p, st, *now)
+		return st, p
 	}
 }
