@@ -156,9 +156,9 @@ type Store interface {
 	Load(since time.Time, days []string) (*State, error)
 	// Usage returns hourly rows since the given hour, optionally for one key.
 	Usage(since time.Time, keyID string) ([]api.UsageRow, error)
-	// Prune deletes leases granted before `before`, leases reported
-	// before `reportedBefore` (whenever granted), and usage rows older
-	// than `usageBefore`.
+	// Prune deletes unreported leases granted before `before`, reported
+	// leases reported before `reportedBefore` (whenever granted), usage
+	// rows older than `usageBefore`, and old day counts.
 	Prune(before, reportedBefore, usageBefore time.Time) error
 	Close() error
 }
