@@ -230,7 +230,8 @@ func fastCall[In, Out any](ctx context.Context, c *Client, target string, direct
 }
 
 // decodeAnswer decodes data into a new T with parse when parse accepts it,
-// else with json.Unmarshal.
+// else with json.Unmarshal. Either way a lease's secret shares no memory
+// with its other strings (see fastjson.go).
 func decodeAnswer[T any](data []byte, parse func([]byte, *T) bool) (*T, error) {
 	out := new(T)
 	if parse(data, out) {
@@ -238,7 +239,11 @@ func decodeAnswer[T any](data []byte, parse func([]byte, *T) bool) (*T, error) {
 	}
 	var zero T
 	*out = zero
-	return out, json.Unmarshal(data, out)
+	err := json.Unmarshal(data, out)
+	if l, ok := any(out).(*api.Lease); ok {
+		rehomeShortSecret(l) // see fastjson.go
+	}
+	return out, err
 }
 
 // jsonType is the value of the Content-Type and Accept headers of every

@@ -19,7 +19,7 @@ import (
 
 // fakeKeyd serves handler on a Unix socket in a short temp dir and returns
 // the socket path.
-func fakeKeyd(t *testing.T, handler http.Handler) string {
+func fakeKeyd(t testing.TB, handler http.Handler) string {
 	t.Helper()
 	dir, err := os.MkdirTemp("", "kc")
 	if err != nil {

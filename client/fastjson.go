@@ -1,6 +1,8 @@
 package client
 
 import (
+	"strings"
+
 	"github.com/keyd/keyd/api"
 	"github.com/keyd/keyd/internal/fastjson"
 )
@@ -69,25 +71,29 @@ func appendReportRequest(b []byte, r *api.ReportRequest) ([]byte, bool) {
 	return append(b, '}'), true
 }
 
-// parseLease decodes a plain lease (see above).
+// parseLease decodes a plain lease (see above). It reads the strings in
+// place and copies them out only once the whole answer is accepted: the
+// secret into an allocation of its own, the others into one they share
+// (see setLeaseStrings).
 func parseLease(b []byte, l *api.Lease) bool {
-	s := fastjson.NewSharedScanner(b)
+	s := fastjson.NewScanner(b)
+	var id, key, project, model, secret []byte // in b
 	ok := s.Object(func(name []byte) (bit uint, ok bool) {
 		switch string(name) {
 		case "lease_id":
-			l.LeaseID, ok = s.Str()
+			id, ok = s.RawString()
 			return 1, ok
 		case "key_id":
-			l.KeyID, ok = s.Str()
+			key, ok = s.RawString()
 			return 2, ok
 		case "project":
-			l.Project, ok = s.Str()
+			project, ok = s.RawString()
 			return 4, ok
 		case "model":
-			l.Model, ok = s.Str()
+			model, ok = s.RawString()
 			return 8, ok
 		case "secret":
-			l.Secret, ok = s.Str()
+			secret, ok = s.RawString()
 			return 16, ok
 		case "tokens":
 			l.Tokens, ok = s.Int(64)
@@ -103,7 +109,75 @@ func parseLease(b []byte, l *api.Lease) bool {
 		}
 		return 0, false
 	})
-	return ok && s.End()
+	if !ok || !s.End() {
+		return false
+	}
+	var sb strings.Builder
+	sb.Grow(len(id) + len(key) + len(project) + len(model))
+	sb.Write(id)
+	sb.Write(key)
+	sb.Write(project)
+	sb.Write(model)
+	setLeaseStrings(l, sb.String(), len(id), len(key), len(project))
+	l.Secret = ownSecret(secret)
+	return true
+}
+
+// A lease's secret must not share memory with its other strings: a
+// caller that keeps only the lease ID, say to report the lease later,
+// would keep the secret in memory as long. So parseLease copies the
+// secret into an allocation of its own and the other strings into one
+// they share, instead of all of them into one copy of the answer. The
+// strings json.Unmarshal decodes are allocations of their own already,
+// save small ones (see minOwn), which rehomeShortSecret deals with.
+
+// minOwn is the least size of an allocation the runtime never packs with
+// others: it packs pointer-free allocations of fewer bytes into shared
+// 16-byte blocks (its tiny allocator), and a block lives as long as any
+// of them does.
+const minOwn = 16
+
+// setLeaseStrings sets l's strings other than the secret to the
+// consecutive substrings of all of lengths id, key and project, and the
+// rest.
+func setLeaseStrings(l *api.Lease, all string, id, key, project int) {
+	l.LeaseID, all = all[:id], all[id:]
+	l.KeyID, all = all[:key], all[key:]
+	l.Project, l.Model = all[:project], all[project:]
+}
+
+// ownSecret returns secret as a string in an allocation of its own.
+func ownSecret(secret []byte) string {
+	if len(secret) == 0 {
+		return ""
+	}
+	var sb strings.Builder
+	sb.Grow(max(len(secret), minOwn))
+	sb.Write(secret)
+	return sb.String()
+}
+
+// rehomeShortSecret is for a lease json.Unmarshal decoded: when its
+// secret is short enough to share a tiny block with its other strings
+// (see minOwn), it copies the secret into an allocation of its own and
+// the others into one they share, each of at least minOwn bytes, lest
+// the copies land in the block of the old secret. Only the collector
+// then holds that block.
+func rehomeShortSecret(l *api.Lease) {
+	if len(l.Secret) == 0 || len(l.Secret) >= minOwn {
+		return
+	}
+	var sb strings.Builder
+	sb.Grow(max(len(l.LeaseID)+len(l.KeyID)+len(l.Project)+len(l.Model), minOwn))
+	sb.WriteString(l.LeaseID)
+	sb.WriteString(l.KeyID)
+	sb.WriteString(l.Project)
+	sb.WriteString(l.Model)
+	setLeaseStrings(l, sb.String(), len(l.LeaseID), len(l.KeyID), len(l.Project))
+	var sec strings.Builder
+	sec.Grow(minOwn)
+	sec.WriteString(l.Secret)
+	l.Secret = sec.String()
 }
 
 // parseReportResponse decodes a plain report answer (see above).
