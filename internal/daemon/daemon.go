@@ -348,7 +348,7 @@ func Run(ctx context.Context, o Options) error {
 	if metricsAddr != "" {
 		if mln, err = net.Listen("tcp", metricsAddr); err != nil {
 			ln.Close()
-			return fmt.Errorf("--metrics-listen: %w", err)
+			return metricsListenError(metricsAddr, err)
 		}
 		ms = &http.Server{
 			Handler:           srv.metricsHandler(),

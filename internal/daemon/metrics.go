@@ -18,6 +18,7 @@ package daemon
 
 import (
 	"bytes"
+	"errors"
 	"fmt"
 	"math"
 	"net"
@@ -26,6 +27,7 @@ import (
 	"strconv"
 	"strings"
 	"sync/atomic"
+	"syscall"
 	"time"
 
 	"github.com/keyd/keyd/api"
@@ -431,4 +433,18 @@ func checkMetricsListen(addr string) (string, error) {
 		return "", fmt.Errorf("--metrics-listen %q: bad port %q", addr, port)
 	}
 	return net.JoinHostPort(host, port), nil
+}
+
+// metricsListenError explains a failure to listen on addr for
+// --metrics-listen. The one an operator cannot guess is the sandbox's:
+// keyd.service allows Unix sockets only (RestrictAddressFamilies=AF_UNIX)
+// and gives keyd a network namespace of its own (PrivateNetwork=yes), so
+// creating the TCP socket fails with EAFNOSUPPORT.
+func metricsListenError(addr string, err error) error {
+	if errors.Is(err, syscall.EAFNOSUPPORT) {
+		return fmt.Errorf("--metrics-listen %s: this process may not open TCP sockets (%w): "+
+			"keyd.service allows only Unix sockets (RestrictAddressFamilies=AF_UNIX) and has a network of its own (PrivateNetwork=yes); "+
+			"scrape GET /metrics on the socket instead, or set RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6 and PrivateNetwork=no in a drop-in (systemctl edit keyd)", addr, err)
+	}
+	return fmt.Errorf("--metrics-listen %s: %w", addr, err)
 }

@@ -10,10 +10,12 @@ import (
 	"math"
 	"net"
 	"net/http"
+	"os"
 	"regexp"
 	"runtime/debug"
 	"strconv"
 	"strings"
+	"syscall"
 	"testing"
 	"testing/synctest"
 	"time"
@@ -414,6 +416,30 @@ func TestCheckMetricsListen(t *testing.T) {
 		if got != want || (err == nil) != (want != "") {
 			t.Errorf("checkMetricsListen(%q) = %q, %v; want %q", in, got, err, want)
 		}
+	}
+}
+
+// TestMetricsListenSandboxed: under keyd.service's sandbox, creating the
+// TCP socket fails with EAFNOSUPPORT (what net.Listen returns is built
+// here as net builds it); the error must say why and the two ways out.
+func TestMetricsListenSandboxed(t *testing.T) {
+	denied := &net.OpError{Op: "listen", Net: "tcp", Err: os.NewSyscallError("socket", syscall.EAFNOSUPPORT)}
+	msg := metricsListenError("127.0.0.1:9464", denied).Error()
+	for _, want := range []string{"--metrics-listen 127.0.0.1:9464", "address family not supported", "RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6", "PrivateNetwork=no", "systemctl edit keyd", "GET /metrics on the socket"} {
+		if !strings.Contains(msg, want) {
+			t.Errorf("error %q lacks %q", msg, want)
+		}
+	}
+	// Any other failure is passed on as it is, with the flag and address.
+	busy, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer busy.Close()
+	_, err = net.Listen("tcp", busy.Addr().String())
+	msg = metricsListenError(busy.Addr().String(), err).Error()
+	if !strings.Contains(msg, "--metrics-listen "+busy.Addr().String()) || !strings.Contains(msg, "address already in use") || strings.Contains(msg, "PrivateNetwork") {
+		t.Errorf("in-use error: %q", msg)
 	}
 }
 
