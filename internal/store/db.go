@@ -123,6 +123,7 @@ var (
 	bucketDays    = []byte("days")
 	bucketUsage   = []byte("usage")
 	keySchema     = []byte("schema")
+	keyStoreID    = []byte("store_id") // the store id, storeIDLen bytes (wal.go)
 	allBuckets    = [][]byte{bucketMeta, bucketLeases, bucketBuckets, bucketKeys, bucketDays, bucketUsage}
 )
 
@@ -156,6 +157,7 @@ type DB struct {
 
 	// Owned by the writer goroutine (and by Open before it starts).
 	segs       [2]*segment
+	id         []byte   // the store id, first in each segment pass
 	active     int      // the segment appended to
 	off        int64    // where the next record goes in it
 	seq        uint64   // the last record written (or applied, after Open)
@@ -189,8 +191,12 @@ var _ Store = (*DB)(nil)
 // starts its writer. It fails with an error wrapping ErrLocked (a
 // *LockedError) when another process holds the file for longer than
 // opts.Timeout, and with one wrapping ErrNewerSchema (a *SchemaError) when
-// the file was written by a newer keyd. Once open, it writes the pid file
-// DIR/keyd.pid. The caller must Close the DB.
+// the file was written by a newer keyd. It refuses, leaving the log as it
+// is, a write-ahead log whose store id is not keyd.db's (keyd.db deleted
+// and recreated, or replaced by another store's), and a damaged log
+// (wal.go).
+// It upgrades a file of an older schema in place. Once open, it writes
+// the pid file DIR/keyd.pid. The caller must Close the DB.
 func Open(dir string, opts Options) (*DB, error) {
 	logf := opts.Logf
 	if logf == nil {
@@ -217,7 +223,8 @@ func Open(dir string, opts Options) (*DB, error) {
 	if err != nil {
 		return nil, fmt.Errorf("opening %s: %w", path, err)
 	}
-	if err := initSchema(bdb, path); err != nil {
+	info, err := initSchema(bdb, path)
+	if err != nil {
 		bdb.Close()
 		return nil, err
 	}
@@ -226,14 +233,25 @@ func Open(dir string, opts Options) (*DB, error) {
 		bdb.Close()
 		return nil, err
 	}
-	seq, n, err := recoverLog(bdb, segs)
+	seq, n, err := recoverLog(bdb, segs, info)
 	if err != nil {
 		closeSegments(segs)
 		bdb.Close()
+		if fe := (*foreignLogError)(nil); errors.As(err, &fe) {
+			return nil, err // it names the state dir and both files
+		}
 		return nil, fmt.Errorf("recovering %s: %w", path, err)
 	}
 	if n > 0 {
 		logf("store: applied %d write-ahead log records (up to %d) to %s", n, seq, path)
+	}
+	if info.id == nil {
+		if info.id, err = upgradeLog(bdb, segs); err != nil {
+			closeSegments(segs)
+			bdb.Close()
+			return nil, fmt.Errorf("upgrading %s to schema version %d: %w", path, SchemaVersion, err)
+		}
+		logf("store: upgraded %s to schema version %d (store id %x)", path, SchemaVersion, info.id)
 	}
 	db := &DB{
 		bolt:       bdb,
@@ -244,6 +262,7 @@ func Open(dir string, opts Options) (*DB, error) {
 		reqs:       make(chan *request, 256),
 		writerDone: make(chan struct{}),
 		segs:       segs,
+		id:         info.id,
 		seq:        seq,
 		cur:        newPending(),
 		recCap:     4 << 10,
@@ -293,10 +312,13 @@ func writePIDFile(path string) error {
 	return nil
 }
 
-// initSchema refuses a newer file, then creates the buckets and the schema
-// version of a new one.
-func initSchema(bdb *bolt.DB, path string) error {
+// initSchema refuses a newer file, then creates the buckets, the store id
+// and the schema version of a new one. It returns keyd.db's identity:
+// for a schema 2 file no id yet, as its log has none (Open gives it one
+// with upgradeLog once the log is recovered).
+func initSchema(bdb *bolt.DB, path string) (storeInfo, error) {
 	version := 0
+	var id []byte
 	err := bdb.View(func(tx *bolt.Tx) error {
 		meta := tx.Bucket(bucketMeta)
 		if meta == nil {
@@ -311,32 +333,50 @@ func initSchema(bdb *bolt.DB, path string) error {
 			return fmt.Errorf("%s has an invalid schema version %q", path, v)
 		}
 		version = n
+		id = bytes.Clone(meta.Get(keyStoreID))
 		return nil
 	})
 	if err != nil {
-		return err
+		return storeInfo{}, err
 	}
 	if version > SchemaVersion {
-		return &SchemaError{Path: path, Version: version}
+		return storeInfo{}, &SchemaError{Path: path, Version: version}
 	}
-	// Version 1 had no write-ahead log: its meta/log_seq is absent, read
-	// as 0, which is all the migration to 2 needs. Future migrations go
-	// here.
+	if version == SchemaVersion && len(id) != storeIDLen {
+		dir := filepath.Dir(path)
+		return storeInfo{}, fmt.Errorf("%s is damaged: its store id (meta/%s) is %d bytes, want %d; restore it from a backup, or move %s, %s and %s out of %s to start with an empty state",
+			path, keyStoreID, len(id), storeIDLen, FileName, segmentName(0), segmentName(1), dir)
+	}
+	info := storeInfo{id: id, created: version == 0}
+	switch version {
+	case 0, 1:
+		// Version 1 had no write-ahead log: its meta/log_seq is absent,
+		// read as 0, and no log can belong to it; like a new file it
+		// gets its id at once.
+		info.id = newStoreID()
+	case 2:
+		info.id = nil
+	}
+	// Future migrations go here.
 	err = bdb.Update(func(tx *bolt.Tx) error {
 		for _, name := range allBuckets {
 			if _, err := tx.CreateBucketIfNotExists(name); err != nil {
 				return err
 			}
 		}
-		if version < SchemaVersion {
-			return tx.Bucket(bucketMeta).Put(keySchema, []byte(strconv.Itoa(SchemaVersion)))
+		if version < 2 {
+			meta := tx.Bucket(bucketMeta)
+			if err := meta.Put(keyStoreID, info.id); err != nil {
+				return err
+			}
+			return meta.Put(keySchema, []byte(strconv.Itoa(SchemaVersion)))
 		}
 		return nil
 	})
 	if err != nil {
-		return fmt.Errorf("initializing %s: %w", path, err)
+		return storeInfo{}, fmt.Errorf("initializing %s: %w", path, err)
 	}
-	return nil
+	return info, nil
 }
 
 // Commit makes b durable: it returns nil once the log record carrying b

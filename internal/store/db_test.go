@@ -424,7 +424,7 @@ func TestNewerSchema(t *testing.T) {
 	if !errors.Is(err, ErrNewerSchema) {
 		t.Fatalf("Open: %v, want ErrNewerSchema", err)
 	}
-	want := path + " has schema version 3, this keyd understands up to 2: upgrade keyd, or move keyd.db, keyd.0.wal and keyd.1.wal out of " + dir + " to start with an empty state"
+	want := path + " has schema version 4, this keyd understands up to 3: upgrade keyd, or move keyd.db, keyd.0.wal and keyd.1.wal out of " + dir + " to start with an empty state"
 	if err.Error() != want {
 		t.Errorf("error %q\nwant %q", err, want)
 	}

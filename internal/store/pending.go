@@ -21,7 +21,12 @@ import (
 // varints, added to the stored row rather than replacing it. The same
 // decoder, merge, serves the live writer and recovery at Open, so the two
 // cannot disagree about what a record means.
+//
+// Kind 'S' (schema 3) names no bucket: its key is empty and its value is
+// the store id (see wal.go), the first entry of the first record of each
+// pass over a segment. merge skips it.
 const (
+	kindStoreID    = 'S'
 	kindLease      = 'L'
 	kindLeaseDel   = 'l'
 	kindBucket     = 'B'
@@ -157,6 +162,10 @@ func (p *pending) merge(seq uint64, payload []byte) error {
 		}
 		rest = r
 		switch kind {
+		case kindStoreID:
+			if len(key) != 0 || len(val) != storeIDLen {
+				return errBadEntry
+			}
 		case kindLease, kindBucket, kindKey, kindDay:
 			p.rows[string(kind)+string(key)] = val[:len(val):len(val)]
 		case kindLeaseDel, kindBucketDel, kindKeyDel:

@@ -26,8 +26,11 @@ import (
 // A file with a higher version is refused with ErrNewerSchema. Version 2
 // added the write-ahead log: a keyd that knows only version 1 would
 // ignore records not yet checkpointed into keyd.db, so it must refuse the
-// file.
-const SchemaVersion = 2
+// file. Version 3 added the store id (meta/store_id), which the first
+// record of each pass over a log segment repeats so that Open can tell a
+// log from another keyd.db; a keyd that knows only version 2 cannot
+// decode that entry. Open upgrades versions 1 and 2 in place.
+const SchemaVersion = 3
 
 // FileName is the database's name inside the state directory.
 const FileName = "keyd.db"

@@ -1,6 +1,8 @@
 package store
 
 import (
+	"bytes"
+	"crypto/rand"
 	"encoding/binary"
 	"errors"
 	"fmt"
@@ -9,6 +11,7 @@ import (
 	"os"
 	"path/filepath"
 	"slices"
+	"strconv"
 	"syscall"
 	"time"
 
@@ -35,9 +38,21 @@ import (
 // lengths and checksums hold and whose numbers follow each other; the
 // first that does not is its end (a zeroed tail, a record torn by a crash,
 // or a record of an older pass).
+//
+// The store id is 16 random bytes that Open stores in keyd.db
+// (meta/store_id) when it creates the file. The writer puts it as the
+// first entry of the first record of each pass over a segment (the record
+// at offset 0), so that every segment holding valid records names the
+// keyd.db it belongs to, and Open refuses a log whose id is not keyd.db's
+// instead of replaying it into the wrong file. Logs of schema 2 carry no
+// id; Open applies them to their (schema 2) keyd.db, then empties them
+// before giving keyd.db its id (upgradeLog).
 
 const (
 	recHeader = 16
+
+	// storeIDLen is the length of the store id.
+	storeIDLen = 16
 
 	// growStep bounds how much a segment grows at once.
 	growStep = 1 << 20
@@ -122,6 +137,70 @@ type record struct {
 	seg     int
 }
 
+// newStoreID returns a random store id.
+func newStoreID() []byte {
+	id := make([]byte, storeIDLen)
+	rand.Read(id) // never fails (it crashes the program instead)
+	return id
+}
+
+// appendStoreID appends the store id entry to a record payload.
+func appendStoreID(dst, id []byte) []byte {
+	return appendEntry(dst, kindStoreID, nil, id)
+}
+
+// payloadStoreID returns the store id that a record's payload starts
+// with, nil if it starts with none.
+func payloadStoreID(payload []byte) []byte {
+	if len(payload) == 0 || payload[0] != kindStoreID {
+		return nil
+	}
+	key, rest, ok := cut(payload[1:])
+	if !ok || len(key) != 0 {
+		return nil
+	}
+	id, _, ok := cut(rest)
+	if !ok || len(id) != storeIDLen {
+		return nil
+	}
+	return id
+}
+
+// storeInfo is keyd.db's identity as Open found it.
+type storeInfo struct {
+	// id is keyd.db's store id; nil for a schema 2 file, whose log has
+	// no ids and which gets one after its log is recovered.
+	id []byte
+	// created: this Open created keyd.db.
+	created bool
+}
+
+// foreignLogError: a segment holds valid records of another keyd.db than
+// the one in its state dir. Open returns it as is.
+type foreignLogError struct {
+	dir   string // the state dir
+	seg   string // the segment's file name
+	logID []byte // the segment's store id; nil when it has none (schema 2)
+	info  storeInfo
+}
+
+func (e *foreignLogError) Error() string {
+	var ids string
+	switch {
+	case e.logID == nil:
+		ids = fmt.Sprintf("it has no store id, so a keyd older than store ids wrote it; %s has %x", FileName, e.info.id)
+	case e.info.id == nil:
+		ids = fmt.Sprintf("store id %x, %s has none: a keyd older than store ids wrote it", e.logID, FileName)
+	default:
+		ids = fmt.Sprintf("store id %x, %s has %x", e.logID, FileName, e.info.id)
+	}
+	if e.info.created {
+		ids += " and was created just now"
+	}
+	return fmt.Sprintf("state dir %s: %s belongs to another %s (%s): restore the %s that belongs with it, or move %s and %s out of %s to start from %s alone",
+		e.dir, e.seg, FileName, ids, FileName, segmentName(0), segmentName(1), e.dir, FileName)
+}
+
 // readSegment returns the valid records at the start of s, and the
 // highest number of a valid record found after them (0 if none), going on
 // by the length fields past the record that ended them. A crash can tear
@@ -175,20 +254,35 @@ func parseRecord(b []byte) (seq uint64, payload []byte, size int, ok bool) {
 }
 
 // unapplied returns the records of both segments numbered after applied,
-// in order. They must follow applied without a gap: a gap means a
-// segment was damaged, and starting without its records would forget
-// acknowledged grants.
-func unapplied(segs [2]*segment, applied uint64) ([]record, error) {
+// in order. Every segment holding valid records must carry info's store
+// id (none for schema 2), whether or not keyd.db has its records: a log
+// of another keyd.db is refused, not replayed into this one. The records
+// must follow applied without a gap: a gap means a segment was damaged,
+// and starting without its records would forget acknowledged grants.
+func unapplied(segs [2]*segment, applied uint64, info storeInfo) ([]record, error) {
 	var recs []record
 	dir := filepath.Dir(segs[0].path)
+	var read [2][]record
+	var beyond [2]uint64 // readSegment's after
+	for i, s := range segs {
+		var err error
+		if read[i], beyond[i], err = readSegment(s, i); err != nil {
+			return nil, err
+		}
+	}
+	for i, rs := range read {
+		if len(rs) == 0 {
+			continue
+		}
+		if id := payloadStoreID(rs[0].payload); !bytes.Equal(id, info.id) {
+			return nil, &foreignLogError{dir: dir, seg: segmentName(i), logID: id, info: info}
+		}
+	}
 	// Without the log, keyd starts from keyd.db alone.
 	moveAway := fmt.Sprintf("to start anyway, losing every record after %d, move %s and %s out of %s",
 		applied, segmentName(0), segmentName(1), dir)
 	for i, s := range segs {
-		rs, after, err := readSegment(s, i)
-		if err != nil {
-			return nil, err
-		}
+		rs, after := read[i], beyond[i]
 		last := applied
 		for _, r := range rs {
 			if r.seq > applied {
@@ -249,6 +343,11 @@ func (s *segment) appendRecord(rec []byte, off int64, seq uint64) error {
 // zeros is what grow writes.
 var zeros [growStep]byte
 
+// growWriteAt writes grow's zeros. It is a variable only so that a test
+// can make a segment fail to grow as on a full disk (TestGrowFails);
+// nothing else sets it, and a test that does must not run in parallel.
+var growWriteAt = (*os.File).WriteAt
+
 // growError is a failure to grow a segment, before any of the record was
 // written: it fails the record's group, not the log.
 type growError struct{ err error }
@@ -267,7 +366,7 @@ func (s *segment) grow(end int64) error {
 		size += step
 	}
 	for off := s.size; off < size; {
-		n, err := s.f.WriteAt(zeros[:min(int64(len(zeros)), size-off)], off)
+		n, err := growWriteAt(s.f, zeros[:min(int64(len(zeros)), size-off)], off)
 		if err != nil {
 			return &growError{fmt.Errorf("growing %s: %w", s.path, err)}
 		}
@@ -288,15 +387,16 @@ func fdatasync(f *os.File) error {
 
 // recoverLog applies to bdb the records of the log it does not have yet,
 // in one transaction, and returns the last record's sequence number and
-// how many records it applied.
-func recoverLog(bdb *bolt.DB, segs [2]*segment) (seq uint64, n int, err error) {
+// how many records it applied. It refuses a log of another keyd.db
+// (a *foreignLogError) without changing anything.
+func recoverLog(bdb *bolt.DB, segs [2]*segment, info storeInfo) (seq uint64, n int, err error) {
 	if err := bdb.View(func(tx *bolt.Tx) (err error) {
 		seq, err = getSeq(tx)
 		return err
 	}); err != nil {
 		return 0, 0, err
 	}
-	recs, err := unapplied(segs, seq)
+	recs, err := unapplied(segs, seq, info)
 	if err != nil || len(recs) == 0 {
 		return seq, 0, err
 	}
@@ -312,4 +412,37 @@ func recoverLog(bdb *bolt.DB, segs [2]*segment) (seq uint64, n int, err error) {
 		return 0, 0, err
 	}
 	return p.seq, len(recs), nil
+}
+
+// upgradeLog finishes the upgrade of a schema 2 keyd.db, once recoverLog
+// has applied its log: it empties the log (zeroes the first record header
+// of each segment, so that no id-less record is left) and makes it
+// durable, then gives keyd.db a store id and schema version 3 in one
+// transaction. A crash in between leaves a schema 2 keyd.db beside an
+// empty log, which the next Open upgrades again. It returns the id.
+func upgradeLog(bdb *bolt.DB, segs [2]*segment) ([]byte, error) {
+	var hdr [recHeader]byte
+	for _, s := range segs {
+		if s.size < recHeader {
+			continue
+		}
+		if _, err := s.f.WriteAt(hdr[:], 0); err != nil {
+			return nil, fmt.Errorf("emptying %s: %w", s.path, err)
+		}
+		if err := fdatasync(s.f); err != nil {
+			return nil, fmt.Errorf("syncing %s: %w", s.path, err)
+		}
+	}
+	id := newStoreID()
+	err := bdb.Update(func(tx *bolt.Tx) error {
+		meta := tx.Bucket(bucketMeta)
+		if err := meta.Put(keyStoreID, id); err != nil {
+			return err
+		}
+		return meta.Put(keySchema, []byte(strconv.Itoa(SchemaVersion)))
+	})
+	if err != nil {
+		return nil, err
+	}
+	return id, nil
 }

@@ -1,6 +1,7 @@
 package store
 
 import (
+	"bytes"
 	"context"
 	"encoding/binary"
 	"fmt"
@@ -146,8 +147,10 @@ func TestLogTornTail(t *testing.T) {
 }
 
 // writeLog writes records with the given sequence numbers, each putting
-// lease "s<seq>", into the segments of dir: seqs[i] into segment i.
-func writeLog(t *testing.T, dir string, seqs [2][]uint64) {
+// lease "s<seq>", into the segments of dir: seqs[i] into segment i. The
+// first record of each segment starts with the store id id, unless id is
+// nil (a schema 2 log).
+func writeLog(t *testing.T, dir string, id []byte, seqs [2][]uint64) {
 	t.Helper()
 	segs, err := openSegments(dir)
 	if err != nil {
@@ -159,7 +162,11 @@ func writeLog(t *testing.T, dir string, seqs [2][]uint64) {
 		var off int64
 		for _, seq := range ss {
 			l := lease("s"+strconv.FormatUint(seq, 10), t0.Add(time.Duration(seq)*time.Second))
-			rec, err := e.appendBatch(make([]byte, recHeader), &Batch{Leases: []Lease{l}})
+			rec := make([]byte, recHeader)
+			if id != nil && off == 0 {
+				rec = appendStoreID(rec, id)
+			}
+			rec, err := e.appendBatch(rec, &Batch{Leases: []Lease{l}})
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -169,6 +176,25 @@ func writeLog(t *testing.T, dir string, seqs [2][]uint64) {
 			off += int64(len(rec))
 		}
 	}
+}
+
+// storeIDOf returns the store id in dir's keyd.db, which must not be
+// open; nil if it has none.
+func storeIDOf(t *testing.T, dir string) []byte {
+	t.Helper()
+	bdb, err := bolt.Open(filepath.Join(dir, FileName), 0o600, &bolt.Options{ReadOnly: true, Timeout: time.Second})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer bdb.Close()
+	var id []byte
+	bdb.View(func(tx *bolt.Tx) error {
+		if meta := tx.Bucket(bucketMeta); meta != nil {
+			id = bytes.Clone(meta.Get(keyStoreID))
+		}
+		return nil
+	})
+	return id
 }
 
 // setApplied sets keyd.db's last applied record.
@@ -222,7 +248,7 @@ func newLogDir(t *testing.T, applied uint64, seqs [2][]uint64) string {
 	}
 	db.Close()
 	setApplied(t, dir, applied)
-	writeLog(t, dir, seqs)
+	writeLog(t, dir, storeIDOf(t, dir), seqs)
 	return dir
 }
 
@@ -346,7 +372,7 @@ func TestLogManyCheckpoints(t *testing.T) {
 }
 
 // TestSchemaOneUpgrades: a version-1 file (before the log) opens and is
-// marked version 2.
+// marked the current version, with a store id.
 func TestSchemaOneUpgrades(t *testing.T) {
 	dir := t.TempDir()
 	db, err := Open(dir, Options{})
@@ -362,6 +388,9 @@ func TestSchemaOneUpgrades(t *testing.T) {
 	err = bdb.Update(func(tx *bolt.Tx) error {
 		meta := tx.Bucket(bucketMeta)
 		if err := meta.Delete(keyLogSeq); err != nil {
+			return err
+		}
+		if err := meta.Delete(keyStoreID); err != nil {
 			return err
 		}
 		return meta.Put(keySchema, []byte("1"))
@@ -386,6 +415,9 @@ func TestSchemaOneUpgrades(t *testing.T) {
 	bdb.View(func(tx *bolt.Tx) error {
 		if v := string(tx.Bucket(bucketMeta).Get(keySchema)); v != strconv.Itoa(SchemaVersion) {
 			t.Errorf("schema %q after opening a version-1 file", v)
+		}
+		if id := tx.Bucket(bucketMeta).Get(keyStoreID); len(id) != storeIDLen {
+			t.Errorf("store id %x after opening a version-1 file", id)
 		}
 		return nil
 	})

@@ -171,6 +171,10 @@ func (db *DB) writeRecord(rec []byte) error {
 		}
 		db.startCheckpoint()
 	}
+	if db.off == 0 {
+		// The first record of a pass over a segment names the store.
+		rec = slices.Insert(rec, recHeader, appendStoreID(nil, db.id)...)
+	}
 	seq := db.seq + 1
 	if err := db.segs[db.active].appendRecord(rec, db.off, seq); err != nil {
 		var ge *growError
