@@ -157,15 +157,22 @@ type Counter struct {
 
 // BucketState is one (project, model) quota bucket.
 type BucketState struct {
-	Project  string     `json:"project"`
-	Model    string     `json:"model"`
-	State    string     `json:"state"`
-	Reason   string     `json:"reason,omitempty"`
-	Until    *time.Time `json:"until,omitempty"`
-	RPM      Counter    `json:"rpm"`
-	TPM      Counter    `json:"tpm"`
-	RPD      Counter    `json:"rpd"`
-	InFlight int        `json:"in_flight"`
+	Project string     `json:"project"`
+	Model   string     `json:"model"`
+	State   string     `json:"state"`
+	Reason  string     `json:"reason,omitempty"`
+	Until   *time.Time `json:"until,omitempty"`
+	// RPM, TPM and RPD count against the limits the bucket enforces:
+	// keys.json's, or a lower one Gemini reported (see Warnings).
+	RPM      Counter `json:"rpm"`
+	TPM      Counter `json:"tpm"`
+	RPD      Counter `json:"rpd"`
+	InFlight int     `json:"in_flight"`
+	// Warnings say what is wrong with the bucket's configuration and the
+	// fix: one per limit that a 429 from Gemini reported lower than
+	// keys.json's, which the bucket enforces until a reload changes that
+	// limit. Absent when there are none.
+	Warnings []string `json:"warnings,omitempty"`
 }
 
 // ReloadResponse is the answer to POST /v1/reload.

@@ -247,6 +247,7 @@ func (p *pool) status(version string) *api.Status {
 			Project: bid.Project, Model: bid.Model, State: pen.State.String(), Reason: pen.Reason,
 			RPM: api.Counter{Used: u.Requests, Limit: l.RPM}, TPM: api.Counter{Used: u.Tokens, Limit: l.TPM},
 			RPD: api.Counter{Used: u.Day, Limit: l.RPD}, InFlight: inFlight[bid],
+			Warnings: p.bucketWarnings(bid),
 		}
 		if !pen.Until.IsZero() {
 			t := pen.Until

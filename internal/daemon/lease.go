@@ -389,6 +389,7 @@ func (p *pool) penalize(now time.Time, ls *leaseState, v gemini.Verdict, batch *
 	default:
 		return ""
 	}
+	action += p.learnQuotas(now, ls, v)
 	pen := b.Penalty(now)
 	putBucket(batch, bid, pen)
 	switch {

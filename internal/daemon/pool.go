@@ -59,6 +59,7 @@ type pool struct {
 	byModel  map[string][]*keyState              // keys of cfg serving each model
 	buckets  map[config.BucketID]*limiter.Bucket // of cfg
 	retired  map[config.BucketID]*limiter.Bucket // buckets no longer in cfg
+	learned  map[config.BucketID]learnedLimits   // limits Gemini reported lower than cfg's (learned.go)
 	leases   map[string]*leaseState              // unreported leases: open, or lapsed and reportable
 	expiries leaseHeap                           // open leases by expiry
 	lapsed   []*leaseState                       // leases that expired unreported, by expiry; see expire
@@ -131,6 +132,7 @@ func newPool(st store.Store, now func() time.Time, log *slog.Logger) *pool {
 		keys:    map[string]*keyState{},
 		buckets: map[config.BucketID]*limiter.Bucket{},
 		retired: map[config.BucketID]*limiter.Bucket{},
+		learned: map[config.BucketID]learnedLimits{},
 		leases:  map[string]*leaseState{},
 		queues:  map[string][]*waiter{},
 		changed: make(chan struct{}),
@@ -199,7 +201,7 @@ func (p *pool) apply(cfg *config.Config, now time.Time, batch *store.Batch) {
 		}
 	}
 	for bid, l := range cfg.Buckets {
-		lim := limiter.Limits{RPM: l.RPM, TPM: l.TPM, RPD: l.RPD, BurstCapacity: l.BurstCapacity}
+		lim := p.limitsFor(bid, l) // keys.json's, or lower ones Gemini reported
 		b := p.buckets[bid]
 		if b == nil {
 			b = p.retired[bid]

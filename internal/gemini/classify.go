@@ -3,7 +3,8 @@
 //
 // Classify turns an HTTP status and a decoded error body into a Verdict: one
 // of the api.Class* classifications plus the facts keyd acts on (retry
-// delay, quota ids, whether a quota is zero). It never panics, whatever the
+// delay, quota ids, whether a quota is zero, and each violated quota's
+// dimension and value). It never panics, whatever the
 // body's shape. ErrorBody and the detail types build bodies in Gemini's
 // format, for the fake server and for tests.
 package gemini
@@ -47,6 +48,12 @@ type Verdict struct {
 	// ClassQuotaZero exactly when HTTPStatus is 429, ZeroQuota is true and
 	// the message does not say the prepayment credits are depleted.
 	ZeroQuota bool
+	// Quotas holds every quota violation of the body: each QuotaFailure
+	// violation, in the body's order, then the quota of a legacy (2024)
+	// ErrorInfo (quota_limit / quota_limit_value). The violations of the
+	// newer message lines ("limit: N") are not in it: they do not say
+	// which window they count over. Nil when there are none.
+	Quotas []Quota
 	// Status is the google.rpc status name from the body, e.g.
 	// "RESOURCE_EXHAUSTED"; empty when the body has none.
 	Status string
@@ -58,6 +65,36 @@ type Verdict struct {
 	// like an API key replaced (see Redact).
 	Message string
 }
+
+// Quota is one violated quota of an error body.
+type Quota struct {
+	// ID is the quotaId (or the legacy quota_limit), e.g.
+	// "GenerateRequestsPerMinutePerProjectPerModel-FreeTier"; empty when
+	// the violation has none.
+	ID string
+	// Dimension is what the quota limits, in keys.json's terms: QuotaRPM,
+	// QuotaTPM or QuotaRPD; empty for anything else (tokens per day,
+	// images, spend) or when its quota id and metric do not say.
+	Dimension string
+	// Model is the quotaDimensions model, e.g. "gemini-2.5-flash"; empty
+	// when the violation names none.
+	Model string
+	// Value is the quota's limit, the quotaValue, when HasValue.
+	Value int64
+	// HasValue reports that the violation has a quotaValue that is a whole
+	// number from 0 to math.MaxInt64: a decimal string or JSON number such
+	// as "250000", 250000, "5.0" or "2.5e5". A missing, empty, negative,
+	// fractional, non-decimal ("0x10", "five", "Infinity") or out-of-range
+	// value gives HasValue false and Value 0.
+	HasValue bool
+}
+
+// Dimensions of a Quota, named as the limits of keys.json.
+const (
+	QuotaRPM = "rpm" // requests per minute
+	QuotaTPM = "tpm" // input tokens per minute
+	QuotaRPD = "rpd" // requests per day
+)
 
 // MaxMessageBytes bounds Verdict.Message. A longer message is cut at a
 // character boundary and ends in "…".
@@ -153,11 +190,19 @@ type parsed struct {
 	retry    time.Duration
 	hasRetry bool
 	quotaIDs []string
+	quotas   []quota
 	// violation is true when the body lists at least one quota violation;
 	// worst is the most severe window among them; zero that one is 0.
 	violation bool
 	worst     int
 	zero      bool
+}
+
+// quota is a violated quota as read, before sanitizing.
+type quota struct {
+	id, dim, model string
+	value          int64
+	hasValue       bool
 }
 
 // found reports whether p holds anything read from an error body.
@@ -282,8 +327,13 @@ func (p *parsed) readQuotaFailure(d map[string]any) {
 		if id != "" {
 			p.quotaIDs = append(p.quotaIDs, id)
 		}
-		kind := windowOf(id, scalar(vm["quotaMetric"]), scalar(vm["description"]), scalar(vm["subject"]))
+		metric := scalar(vm["quotaMetric"])
+		kind := windowOf(id, metric, scalar(vm["description"]), scalar(vm["subject"]))
 		p.note(kind, isZero(vm["quotaValue"]))
+		dims, _ := vm["quotaDimensions"].(map[string]any)
+		value, hasValue := quotaValue(vm["quotaValue"])
+		p.quotas = append(p.quotas, quota{id: id, dim: dimensionOf(id, metric), model: scalar(dims["model"]),
+			value: value, hasValue: hasValue})
 	}
 }
 
@@ -303,12 +353,19 @@ func (p *parsed) readErrorInfo(d map[string]any) {
 	if limit != "" && !slices.Contains(p.quotaIDs, limit) {
 		p.quotaIDs = append(p.quotaIDs, limit)
 	}
-	kind := windowOf(limit, scalar(md["quota_metric"]))
+	metric := scalar(md["quota_metric"])
+	kind := windowOf(limit, metric)
+	dim := dimensionOf(limit, metric)
 	if kind == kindUnknown {
 		// The legacy message names the window: "... requests per minute".
 		kind = windowOf(p.message)
+		dim = dimensionOf(limit, metric, p.message)
 	}
 	p.note(kind, hasValue && isZero(value))
+	if limit != "" || hasValue {
+		v, ok := quotaValue(value)
+		p.quotas = append(p.quotas, quota{id: limit, dim: dim, value: v, hasValue: ok})
+	}
 }
 
 // quotaLine matches the newer (late 2025) message format's lines
@@ -354,6 +411,55 @@ func windowOf(texts ...string) int {
 		return kindMinute
 	}
 	return kindUnknown
+}
+
+// dimensionOf says which limit of keys.json the quota named by texts
+// (quota id, metric name) is: requests per minute or per day, or input
+// tokens per minute; "" for anything else or when the texts do not say.
+func dimensionOf(texts ...string) string {
+	s := strings.ToLower(strings.Join(texts, " "))
+	if len(s) > maxScanBytes {
+		s = s[:maxScanBytes]
+	}
+	win := windowOf(s)
+	switch {
+	case strings.Contains(s, "token"):
+		// keys.json's tpm counts input tokens; a token quota that does
+		// not say it counts input tokens is not it.
+		if win == kindMinute && strings.Contains(s, "input") {
+			return QuotaTPM
+		}
+	case strings.Contains(s, "request"):
+		switch win {
+		case kindMinute:
+			return QuotaRPM
+		case kindDay:
+			return QuotaRPD
+		}
+	}
+	return ""
+}
+
+// decimal matches a non-negative decimal number: digits, an optional
+// fraction and an optional exponent.
+var decimal = regexp.MustCompile(`^[0-9]+(\.[0-9]*)?([eE][+-]?[0-9]+)?$`)
+
+// quotaValue reads a quotaValue (a decimal string, as proto3 JSON writes
+// an int64, or a JSON number) as a whole number from 0 to math.MaxInt64.
+func quotaValue(v any) (int64, bool) {
+	s := strings.TrimSpace(scalar(v))
+	if len(s) > 64 || !decimal.MatchString(s) {
+		return 0, false
+	}
+	if n, err := strconv.ParseInt(s, 10, 64); err == nil {
+		return n, true
+	}
+	f, err := strconv.ParseFloat(s, 64)
+	// 2^63 is the first float64 above math.MaxInt64.
+	if err != nil || f != math.Trunc(f) || f >= 1<<63 {
+		return 0, false
+	}
+	return int64(f), true
 }
 
 // hasZeroLimit reports whether s says "limit: N" with N equal to 0.
@@ -430,6 +536,10 @@ func (p *parsed) verdict(status int) Verdict {
 	}
 	for _, id := range p.quotaIDs {
 		v.QuotaIDs = append(v.QuotaIDs, sanitize(id, maxFieldBytes))
+	}
+	for _, q := range p.quotas {
+		v.Quotas = append(v.Quotas, Quota{ID: sanitize(q.id, maxFieldBytes), Dimension: q.dim,
+			Model: sanitize(q.model, maxFieldBytes), Value: q.value, HasValue: q.hasValue})
 	}
 	lowerMsg := p.message
 	if len(lowerMsg) > maxScanBytes {

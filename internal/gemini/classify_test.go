@@ -2,6 +2,7 @@ package gemini
 
 import (
 	"encoding/json"
+	"math"
 	"os"
 	"path/filepath"
 	"reflect"
@@ -26,18 +27,26 @@ type fixture struct {
 	ids     []string
 	reason  string
 	summary string // checked when not empty
+	quotas  []Quota
 }
 
 var fixtures = []fixture{
 	{file: "429_classic_tpm.json", status: 429, class: api.ClassRateMinute, retry: 26 * time.Second,
 		ids:     []string{"GenerateContentInputTokensPerModelPerMinute-FreeTier"},
-		summary: "429 per-minute quota GenerateContentInputTokensPerModelPerMinute-FreeTier; retry in 26s"},
+		summary: "429 per-minute quota GenerateContentInputTokensPerModelPerMinute-FreeTier; retry in 26s",
+		quotas: []Quota{{ID: "GenerateContentInputTokensPerModelPerMinute-FreeTier", Dimension: QuotaTPM,
+			Model: "gemini-2.5-flash", Value: 250000, HasValue: true}}},
 	{file: "429_rpd.json", status: 429, class: api.ClassRateDay, retry: 22 * time.Second,
 		ids:     []string{"GenerateRequestsPerDayPerProjectPerModel-FreeTier"},
-		summary: "429 per-day quota GenerateRequestsPerDayPerProjectPerModel-FreeTier"},
+		summary: "429 per-day quota GenerateRequestsPerDayPerProjectPerModel-FreeTier",
+		quotas: []Quota{{ID: "GenerateRequestsPerDayPerProjectPerModel-FreeTier", Dimension: QuotaRPD,
+			Model: "gemini-2.5-flash", Value: 250, HasValue: true}}},
 	// Details carry no quotaValue: the zero comes from the message's "limit: 0".
 	{file: "429_newer_limit0.json", status: 429, class: api.ClassQuotaZero, retry: 38 * time.Second, zero: true,
-		ids: []string{"GenerateContentInputTokensPerModelPerMinute-FreeTier", "GenerateRequestsPerMinutePerProjectPerModel-FreeTier"}},
+		ids: []string{"GenerateContentInputTokensPerModelPerMinute-FreeTier", "GenerateRequestsPerMinutePerProjectPerModel-FreeTier"},
+		quotas: []Quota{
+			{ID: "GenerateContentInputTokensPerModelPerMinute-FreeTier", Dimension: QuotaTPM, Model: "gemini-2.5-pro"},
+			{ID: "GenerateRequestsPerMinutePerProjectPerModel-FreeTier", Dimension: QuotaRPM, Model: "gemini-2.5-pro"}}},
 	// python-genai#2044: PerDay + PerMinute + input TPM in one body; the day wins.
 	{file: "429_multi_day_minute_tpm.json", status: 429, class: api.ClassRateDay, retry: 47 * time.Second,
 		ids: []string{
@@ -45,14 +54,22 @@ var fixtures = []fixture{
 			"GenerateRequestsPerMinutePerProjectPerModel-FreeTier",
 			"GenerateContentInputTokensPerModelPerMinute-FreeTier",
 		},
-		summary: "429 per-day quota GenerateRequestsPerDayPerProjectPerModel-FreeTier"},
+		summary: "429 per-day quota GenerateRequestsPerDayPerProjectPerModel-FreeTier",
+		quotas: []Quota{
+			{ID: "GenerateRequestsPerDayPerProjectPerModel-FreeTier", Dimension: QuotaRPD, Model: "gemini-2.0-flash"},
+			{ID: "GenerateRequestsPerMinutePerProjectPerModel-FreeTier", Dimension: QuotaRPM, Model: "gemini-2.0-flash"},
+			{ID: "GenerateContentInputTokensPerModelPerMinute-FreeTier", Dimension: QuotaTPM, Model: "gemini-2.0-flash"}}},
 	{file: "429_paid_rpm.json", status: 429, class: api.ClassRateMinute, retry: 34 * time.Second,
-		ids: []string{"GenerateRequestsPerMinutePerProjectPerModel"}},
+		ids: []string{"GenerateRequestsPerMinutePerProjectPerModel"},
+		quotas: []Quota{{ID: "GenerateRequestsPerMinutePerProjectPerModel", Dimension: QuotaRPM,
+			Model: "gemini-2.5-flash", Value: 500, HasValue: true}}},
 	{file: "429_legacy_2024_rpm.json", status: 429, class: api.ClassRateMinute, reason: "RATE_LIMIT_EXCEEDED",
 		ids:     []string{"GenerateContentRequestsPerMinutePerProjectPerRegion"},
-		summary: "429 per-minute quota GenerateContentRequestsPerMinutePerProjectPerRegion"},
+		summary: "429 per-minute quota GenerateContentRequestsPerMinutePerProjectPerRegion",
+		quotas:  []Quota{{ID: "GenerateContentRequestsPerMinutePerProjectPerRegion", Dimension: QuotaRPM, Value: 60, HasValue: true}}},
 	{file: "429_legacy_2024_limit0.json", status: 429, class: api.ClassQuotaZero, zero: true, reason: "RATE_LIMIT_EXCEEDED",
-		ids: []string{"GenerateContentRequestsPerMinutePerProjectPerRegion"}},
+		ids:    []string{"GenerateContentRequestsPerMinutePerProjectPerRegion"},
+		quotas: []Quota{{ID: "GenerateContentRequestsPerMinutePerProjectPerRegion", Dimension: QuotaRPM, Value: 0, HasValue: true}}},
 	{file: "429_no_details_capacity.json", status: 429, class: api.ClassCapacity,
 		summary: "429 capacity: Resource has been exhausted (e.g. check quota)."},
 	{file: "429_prepayment_credits.json", status: 429, class: api.ClassBilling},
@@ -123,6 +140,9 @@ func TestFixtures(t *testing.T) {
 			}
 			if v.Reason != f.reason {
 				t.Errorf("Reason = %q, want %q", v.Reason, f.reason)
+			}
+			if !reflect.DeepEqual(v.Quotas, f.quotas) {
+				t.Errorf("Quotas = %+v\nwant     %+v", v.Quotas, f.quotas)
 			}
 			if want, _ := inner["status"].(string); v.Status != want {
 				t.Errorf("Status = %q, want %q", v.Status, want)
@@ -392,6 +412,126 @@ func TestCases(t *testing.T) {
 	}
 }
 
+// TestQuotas checks each violation's dimension and quotaValue: the doc's
+// bodies not in testdata/, quota ids of every window, and odd values.
+func TestQuotas(t *testing.T) {
+	violation := func(id string, value any) map[string]any {
+		v := map[string]any{"quotaId": id, "quotaDimensions": map[string]any{"location": "global", "model": "gemini-2.5-flash"}}
+		if value != nil {
+			v["quotaValue"] = value
+		}
+		return v
+	}
+	body := func(vs ...any) map[string]any {
+		return map[string]any{"error": map[string]any{"code": 429, "status": "RESOURCE_EXHAUSTED", "details": []any{
+			map[string]any{"@type": TypeQuotaFailure, "violations": vs},
+			map[string]any{"@type": TypeRetryInfo, "retryDelay": "22s"}}}}
+	}
+	const (
+		rpm = "GenerateRequestsPerMinutePerProjectPerModel-FreeTier"
+		rpd = "GenerateRequestsPerDayPerProjectPerModel-FreeTier"
+		tpm = "GenerateContentInputTokensPerModelPerMinute-FreeTier"
+	)
+	flash := func(id, dim string, value int64, has bool) Quota {
+		return Quota{ID: id, Dimension: dim, Model: "gemini-2.5-flash", Value: value, HasValue: has}
+	}
+	cases := []struct {
+		name string
+		body any
+		want []Quota
+	}{
+		// shared/gemini-api.md: the Dec 2025 free tier, a live 429 with quotaValue "20".
+		{"free tier rpd 20", body(violation(rpd, "20")), []Quota{flash(rpd, QuotaRPD, 20, true)}},
+		{"free tier rpm 5", body(violation(rpm, "5")), []Quota{flash(rpm, QuotaRPM, 5, true)}},
+		{"paid tier tpm", body(violation("GenerateContentPaidTierInputTokensPerModelPerMinute", "1000000")),
+			[]Quota{flash("GenerateContentPaidTierInputTokensPerModelPerMinute", QuotaTPM, 1000000, true)}},
+		// python-genai#2044 with values: every violation, in order.
+		{"day, minute and tpm at once", body(violation(rpd, "200"), violation(rpm, "15"), violation(tpm, "1000000")),
+			[]Quota{flash(rpd, QuotaRPD, 200, true), flash(rpm, QuotaRPM, 15, true), flash(tpm, QuotaTPM, 1000000, true)}},
+		{"tokens per day is no keys.json limit", body(violation("GenerateContentInputTokensPerModelPerDay", "5000000")),
+			[]Quota{flash("GenerateContentInputTokensPerModelPerDay", "", 5000000, true)}},
+		{"output tokens per minute is not tpm", body(violation("GenerateContentOutputTokensPerModelPerMinute", "8000")),
+			[]Quota{flash("GenerateContentOutputTokensPerModelPerMinute", "", 8000, true)}},
+		{"spend", body(violation("SpendPerProject", "10")), []Quota{flash("SpendPerProject", "", 10, true)}},
+		{"window only in the metric", body(map[string]any{
+			"quotaMetric": "generativelanguage.googleapis.com/generate_content_requests_per_minute", "quotaValue": "7"}),
+			[]Quota{{Dimension: QuotaRPM, Value: 7, HasValue: true}}},
+		{"metric without a window", body(map[string]any{
+			"quotaMetric": "generativelanguage.googleapis.com/generate_content_free_tier_requests", "quotaValue": "20"}),
+			[]Quota{{Value: 20, HasValue: true}}},
+		{"quotaDimensions not an object", body(map[string]any{"quotaId": rpm, "quotaDimensions": "gemini-2.5-flash", "quotaValue": "5"}),
+			[]Quota{{ID: rpm, Dimension: QuotaRPM, Value: 5, HasValue: true}}},
+
+		// Odd values.
+		{"missing", body(violation(rpm, nil)), []Quota{flash(rpm, QuotaRPM, 0, false)}},
+		{"empty", body(violation(rpm, "")), []Quota{flash(rpm, QuotaRPM, 0, false)}},
+		{"null", body(map[string]any{"quotaId": rpm, "quotaValue": nil}), []Quota{{ID: rpm, Dimension: QuotaRPM}}},
+		{"zero", body(violation(rpm, "0")), []Quota{flash(rpm, QuotaRPM, 0, true)}},
+		{"spaces", body(violation(rpd, " 20 ")), []Quota{flash(rpd, QuotaRPD, 20, true)}},
+		{"non-numeric", body(violation(rpm, "five")), []Quota{flash(rpm, QuotaRPM, 0, false)}},
+		{"number", body(violation(rpm, 5.0)), []Quota{flash(rpm, QuotaRPM, 5, true)}},
+		{"json.Number", body(violation(tpm, json.Number("250000"))), []Quota{flash(tpm, QuotaTPM, 250000, true)}},
+		{"whole float string", body(violation(rpm, "5.0")), []Quota{flash(rpm, QuotaRPM, 5, true)}},
+		{"exponent", body(violation(tpm, "2.5e5")), []Quota{flash(tpm, QuotaTPM, 250000, true)}},
+		{"fractional", body(violation(rpm, "5.5")), []Quota{flash(rpm, QuotaRPM, 0, false)}},
+		{"fractional number", body(violation(rpm, 0.5)), []Quota{flash(rpm, QuotaRPM, 0, false)}},
+		{"negative", body(violation(rpm, "-5")), []Quota{flash(rpm, QuotaRPM, 0, false)}},
+		{"negative number", body(violation(rpm, -5.0)), []Quota{flash(rpm, QuotaRPM, 0, false)}},
+		{"plus sign", body(violation(rpm, "+5")), []Quota{flash(rpm, QuotaRPM, 0, false)}},
+		{"hex", body(violation(rpm, "0x10")), []Quota{flash(rpm, QuotaRPM, 0, false)}},
+		{"underscores", body(violation(rpm, "1_000")), []Quota{flash(rpm, QuotaRPM, 0, false)}},
+		{"infinity", body(violation(rpm, "Infinity")), []Quota{flash(rpm, QuotaRPM, 0, false)}},
+		{"nan", body(violation(rpm, "NaN")), []Quota{flash(rpm, QuotaRPM, 0, false)}},
+		{"bool", body(violation(rpm, true)), []Quota{flash(rpm, QuotaRPM, 0, false)}},
+		{"object", body(violation(rpm, map[string]any{"value": 5})), []Quota{flash(rpm, QuotaRPM, 0, false)}},
+		{"max int64", body(violation(tpm, "9223372036854775807")), []Quota{flash(tpm, QuotaTPM, math.MaxInt64, true)}},
+		{"above int64", body(violation(tpm, "9223372036854775808")), []Quota{flash(tpm, QuotaTPM, 0, false)}},
+		{"huge", body(violation(tpm, "99999999999999999999")), []Quota{flash(tpm, QuotaTPM, 0, false)}},
+		{"huge exponent", body(violation(tpm, "1e300")), []Quota{flash(tpm, QuotaTPM, 0, false)}},
+		{"huge number", body(violation(tpm, 1e20)), []Quota{flash(tpm, QuotaTPM, 0, false)}},
+		{"very long digits", body(violation(tpm, strings.Repeat("9", 500))), []Quota{flash(tpm, QuotaTPM, 0, false)}},
+
+		// Legacy ErrorInfo values, and no quota without a limit or a value.
+		{"legacy value only", map[string]any{"message": "Quota exceeded for quota metric 'Generate Content API requests per minute'",
+			"details": []any{map[string]any{"@type": TypeErrorInfo, "reason": "RATE_LIMIT_EXCEEDED",
+				"metadata": map[string]any{"quota_limit_value": "60"}}}},
+			[]Quota{{Dimension: QuotaRPM, Value: 60, HasValue: true}}},
+		{"RATE_LIMIT_EXCEEDED alone", map[string]any{"details": []any{map[string]any{"@type": TypeErrorInfo, "reason": "RATE_LIMIT_EXCEEDED"}}}, nil},
+		{"no details", map[string]any{"message": "Resource has been exhausted (e.g. check quota)."}, nil},
+		// The message's "limit: N" lines do not say their window: not quotas.
+		{"message lines", map[string]any{"message": "* Quota exceeded for metric: generativelanguage.googleapis.com/generate_content_free_tier_requests, limit: 20, model: gemini-2.5-flash"}, nil},
+	}
+	for _, c := range cases {
+		t.Run(c.name, func(t *testing.T) {
+			v := Classify(429, c.body)
+			if !reflect.DeepEqual(v.Quotas, c.want) {
+				t.Errorf("Quotas = %+v\nwant     %+v", v.Quotas, c.want)
+			}
+			// The same body as bytes reads the same (numbers as json.Number).
+			if raw, err := json.Marshal(c.body); err == nil {
+				if vb := ClassifyBytes(429, raw); !reflect.DeepEqual(vb.Quotas, c.want) {
+					t.Errorf("ClassifyBytes: Quotas = %+v\nwant     %+v", vb.Quotas, c.want)
+				}
+			}
+			checkInvariants(t, v)
+		})
+	}
+
+	// A raw JSON number too large for a float64's integers stays exact.
+	raw := `{"error":{"code":429,"details":[{"@type":"` + TypeQuotaFailure + `","violations":[{"quotaId":"` + tpm +
+		`","quotaValue":9223372036854775807},{"quotaId":"` + rpm + `","quotaValue":1e2}]}]}}`
+	want := []Quota{{ID: tpm, Dimension: QuotaTPM, Value: math.MaxInt64, HasValue: true}, {ID: rpm, Dimension: QuotaRPM, Value: 100, HasValue: true}}
+	if v := ClassifyBytes(429, []byte(raw)); !reflect.DeepEqual(v.Quotas, want) {
+		t.Errorf("raw numbers: Quotas = %+v, want %+v", v.Quotas, want)
+	}
+
+	// Quota ids and models are redacted like every other field.
+	v := Classify(429, body(map[string]any{"quotaId": "q " + fakeKey, "quotaDimensions": map[string]any{"model": fakeKey}, "quotaValue": "1"}))
+	if len(v.Quotas) != 1 || strings.Contains(v.Quotas[0].ID+v.Quotas[0].Model, "FAKE") {
+		t.Errorf("key not redacted: %+v", v.Quotas)
+	}
+}
+
 func TestClassifyBytesNonJSON(t *testing.T) {
 	for _, c := range []struct {
 		status  int
@@ -529,6 +669,17 @@ func checkInvariants(t testing.TB, v Verdict) {
 		t.Errorf("Summary() = %q: want one non-empty line", s)
 	}
 	all := append([]string{v.Message, v.Status, v.Reason, s}, v.QuotaIDs...)
+	for _, q := range v.Quotas {
+		all = append(all, q.ID, q.Model)
+		switch q.Dimension {
+		case "", QuotaRPM, QuotaTPM, QuotaRPD:
+		default:
+			t.Errorf("quota dimension %q", q.Dimension)
+		}
+		if q.Value < 0 || !q.HasValue && q.Value != 0 {
+			t.Errorf("quota value %d, HasValue %v", q.Value, q.HasValue)
+		}
+	}
 	for _, x := range all {
 		if leaksKey(x) {
 			t.Errorf("unredacted text: %q", x)

@@ -19,8 +19,11 @@ var statusCmd = &command{
 	long: `Status shows what keyd is running: the config file and when it was loaded,
 the last load error and every warning, then each key (state, leases in
 flight, why it is not ready and until when) and each (project, model) quota
-bucket with its usage against its limits. Secrets never appear: a key shows
-at most the last 4 characters of its secret.`,
+bucket with its usage against its limits. The warnings are the config's,
+then the buckets': a limit that Gemini reported lower than keys.json's,
+with the fix (the bucket enforces Gemini's value until keys.json changes).
+Secrets never appear: a key shows at most the last 4 characters of its
+secret.`,
 	setup: func(e *env, fs *flag.FlagSet) func(context.Context, []string) error {
 		asJSON := fs.Bool("json", false, "print keyd's status object as JSON")
 		return func(ctx context.Context, args []string) error {
@@ -109,7 +112,17 @@ func (e *env) printTop(w io.Writer, st *api.Status) {
 			fmt.Fprintf(w, "  %s\n", clean(l))
 		}
 	}
-	printWarnings(w, cfg.Warnings)
+	printWarnings(w, statusWarnings(st))
+}
+
+// statusWarnings are the config's warnings, then the buckets', in the
+// order of the buckets.
+func statusWarnings(st *api.Status) []string {
+	out := slices.Clone(st.Config.Warnings)
+	for _, b := range st.Buckets {
+		out = append(out, b.Warnings...)
+	}
+	return out
 }
 
 // statusTop is printTop in a line or two: version, uptime, the config and
@@ -121,7 +134,7 @@ func (e *env) statusTop(w io.Writer, st *api.Status) {
 		loaded = "loaded " + e.ago(cfg.LoadedAt)
 	}
 	fmt.Fprintf(w, "keyd %s, up %s; %s %s; %s\n", clean(st.Version), fmtDuration(time.Duration(st.UptimeS)*time.Second),
-		clean(cfg.Path), loaded, plural(len(cfg.Warnings), "warning"))
+		clean(cfg.Path), loaded, plural(len(statusWarnings(st)), "warning"))
 	if cfg.LastError != "" {
 		fmt.Fprintf(w, "LAST ERROR (config kept): %s\n", clean(strings.Join(strings.Fields(cfg.LastError), " ")))
 	}
@@ -144,7 +157,8 @@ func models(ms []string) string {
 }
 
 // printWarnings prints warnings, or that there are none: their absence is
-// worth stating too.
+// worth stating too. A warning longer than a line is wrapped, its next
+// lines indented under its first.
 func printWarnings(w io.Writer, warnings []string) {
 	if len(warnings) == 0 {
 		fmt.Fprintf(w, "warnings: none\n")
@@ -152,7 +166,13 @@ func printWarnings(w io.Writer, warnings []string) {
 	}
 	fmt.Fprintf(w, "WARNINGS (%d):\n", len(warnings))
 	for _, s := range warnings {
-		fmt.Fprintf(w, "  ! %s\n", clean(s))
+		for i, l := range wrap(clean(s), lineWidth-4, 10) {
+			if i == 0 {
+				fmt.Fprintf(w, "  ! %s\n", l)
+			} else {
+				fmt.Fprintf(w, "    %s\n", l)
+			}
+		}
 	}
 }
 

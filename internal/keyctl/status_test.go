@@ -1,8 +1,13 @@
 package keyctl
 
 import (
+	"encoding/json"
+	"slices"
 	"strings"
 	"testing"
+	"time"
+
+	"github.com/keyd/keyd/api"
 )
 
 const statusJSON = `{
@@ -95,4 +100,65 @@ func TestStatusQuiet(t *testing.T) {
 	r := keyctl(t, nil, "", "--socket", f.sock, "status").want(t, 0)
 	contains(t, "status", r.stdout, "warnings: none\n", "KEYS: 0\n", "BUCKETS: 0\n")
 	lacks(t, "status", r.stdout, "LAST ERROR")
+}
+
+// bucketWarningJSON is a status whose bucket carries a warning: Gemini
+// reported a lower rpm than keys.json's.
+const bucketWarningJSON = `{"version":"1","uptime_s":60,
+ "config":{"path":"/k.json","loaded_at":"2026-11-29T09:55:00Z","warnings":["key k9: unknown field \"rpn\" (did you mean \"rpm\"?)"]},
+ "keys":[{"key_id":"k1","project":"p1","models":["gemini-2.5-flash"],"state":"cooling","reason":"gemini-2.5-flash: 429 per-minute quota","until":"2026-11-29T10:00:42Z","secret_hint":"…0001","in_flight":0}],
+ "buckets":[
+  {"project":"p0","model":"gemini-2.5-flash","state":"ready","rpm":{"used":0,"limit":10},"tpm":{"used":0,"limit":1000000},"rpd":{"used":0,"limit":0},"in_flight":0},
+  {"project":"p1","model":"gemini-2.5-flash","state":"cooling","reason":"429 per-minute quota","until":"2026-11-29T10:00:42Z",
+   "rpm":{"used":1,"limit":5},"tpm":{"used":10,"limit":1000000},"rpd":{"used":1,"limit":0},"in_flight":0,
+   "warnings":["project p1 model gemini-2.5-flash: Gemini reports rpm 5 (quota GenerateRequestsPerMinutePerProjectPerModel-FreeTier), keys.json says 10: set \"rpm\": 5 for its keys (k1, k2); keyd enforces 5 until then",
+    "project p1 model gemini-2.5-flash: Gemini reports rpd 20 (quota GenerateRequestsPerDayPerProjectPerModel-FreeTier), keys.json says none: set \"rpd\": 20 for its keys (k1, k2); keyd enforces 20 until then"]}]}`
+
+// TestStatusBucketWarnings: a bucket's warnings show on top with the
+// config's, after them, wrapped to the line width, before the keys.
+func TestStatusBucketWarnings(t *testing.T) {
+	f := newFake(t)
+	f.on("GET", "/v1/status", 200, bucketWarningJSON)
+	out := keyctl(t, nil, "", "--socket", f.sock, "status").want(t, 0).stdout
+	contains(t, "status", out,
+		"WARNINGS (3):\n"+
+			`  ! key k9: unknown field "rpn" (did you mean "rpm"?)`+"\n"+
+			"  ! project p1 model gemini-2.5-flash: Gemini reports rpm 5 (quota\n"+
+			`    GenerateRequestsPerMinutePerProjectPerModel-FreeTier), keys.json says 10: set "rpm": 5 for its`+"\n"+
+			"    keys (k1, k2); keyd enforces 5 until then\n"+
+			"  ! project p1 model gemini-2.5-flash: Gemini reports rpd 20 (quota\n"+
+			`    GenerateRequestsPerDayPerProjectPerModel-FreeTier), keys.json says none: set "rpd": 20 for its`+"\n"+
+			"    keys (k1, k2); keyd enforces 20 until then\n\nKEYS: 1",
+		// The bucket shows the limit it enforces.
+		"\np1       gemini-2.5-flash  cooling  1/5   10/1M  1/-  cooling 42s: 429 per-minute quota\n",
+	)
+	for _, l := range strings.Split(out, "\n") {
+		if len([]rune(l)) > 100 {
+			t.Errorf("line over 100 columns (%d): %q", len([]rune(l)), l)
+		}
+	}
+	if t.Failed() {
+		t.Logf("status:\n%s", out)
+	}
+
+	// keyctl watch's top counts them too.
+	var st api.Status
+	if err := json.Unmarshal([]byte(bucketWarningJSON), &st); err != nil {
+		t.Fatal(err)
+	}
+	var top strings.Builder
+	(&env{now: func() time.Time { return now }, loc: time.UTC}).statusTop(&top, &st)
+	contains(t, "watch top", top.String(), "; 3 warnings\n")
+
+	// And keyctl watch lists a bucket warning when it appears.
+	before := st
+	before.Buckets = slices.Clone(st.Buckets)
+	before.Buckets[1].Warnings = st.Buckets[1].Warnings[:1]
+	changes := diffStatus(&before, &st)
+	if len(changes) != 1 || changes[0].what != "warning: "+st.Buckets[1].Warnings[1] || !slices.Equal(changes[0].bkts, []string{"p1/gemini-2.5-flash"}) {
+		t.Errorf("changes %+v", changes)
+	}
+	if changes := diffStatus(&st, &st); len(changes) != 0 {
+		t.Errorf("changes without a change: %+v", changes)
+	}
 }

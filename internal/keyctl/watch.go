@@ -251,8 +251,14 @@ func diffStatus(a, b *api.Status) []change {
 	}
 	for _, bk := range b.Buckets {
 		id := bk.Project + "/" + bk.Model
-		if o, ok := oldB[id]; ok && o.State != bk.State {
+		o, ok := oldB[id]
+		if ok && o.State != bk.State {
 			out = append(out, change{what: id + " " + transition(o.State, bk.State, bk.Reason), bkts: []string{id}})
+		}
+		for _, warning := range bk.Warnings {
+			if !slices.Contains(o.Warnings, warning) {
+				out = append(out, change{what: "warning: " + oneLine(warning), bkts: []string{id}})
+			}
 		}
 	}
 	return out
