@@ -68,9 +68,15 @@ func (p *pool) lease(ctx context.Context, req *api.LeaseRequest) (_ *api.Lease, 
 			p.mu.Unlock()
 			return nil, sel.err
 		}
-		// FIFO: capacity goes to an earlier waiter that can use it now.
-		blocked := sel.key != nil && p.claimedAhead(now, req.Model, w, sel.bucket)
-		if sel.key != nil && !blocked {
+		// FIFO: a bucket is held for an earlier waiter that can use it
+		// now, or that waits for it and would be granted later if this
+		// request took it. Another bucket may serve this one meanwhile.
+		var held []*limiter.Bucket
+		for sel.key != nil && p.heldAhead(now, req.Model, w, sel.bucket, tokens) {
+			held = append(held, sel.bucket)
+			sel = p.choose(now, req.Model, req.WorkloadType, tokens, held...)
+		}
+		if sel.key != nil {
 			if w != nil {
 				p.dequeue(req.Model, w)
 			}
@@ -85,17 +91,14 @@ func (p *pool) lease(ctx context.Context, req *api.LeaseRequest) (_ *api.Lease, 
 				msg = fmt.Sprintf("no key could serve %s within %v", req.Model, wait)
 			}
 			retryAt := sel.retryAt
-			if blocked {
-				msg += ": the free capacity goes to earlier requests waiting for the same keys"
-				retryAt = now.Add(time.Second)
-			} else if len(sel.why) > 0 {
+			if len(sel.why) > 0 {
 				msg += ": " + joinWhy(sel.why)
 			}
 			p.mu.Unlock()
 			return nil, noCapacity(msg, retryAt, now)
 		}
 		if w == nil {
-			w = &waiter{req: req, tokens: tokens}
+			w = &waiter{req: req, tokens: tokens, deadline: deadline}
 			p.queues[req.Model] = append(p.queues[req.Model], w)
 		}
 		wake := deadline
@@ -128,15 +131,29 @@ func (p *pool) lease(ctx context.Context, req *api.LeaseRequest) (_ *api.Lease, 
 	}
 }
 
-// claimedAhead reports whether a request waiting ahead of w (of every
-// waiter, when w is nil) for model would be granted on bucket b now.
-// Callers hold mu.
-func (p *pool) claimedAhead(now time.Time, model string, w *waiter, b *limiter.Bucket) bool {
+// heldAhead reports whether bucket b is held for a request waiting ahead
+// of w (of every waiter, when w is nil) for model: one that would be
+// granted on b now, or one that waits for b (its soonest bucket) and
+// would be granted on it within its wait, but later if a grant of tokens
+// were made on b now. Without the second, a large request would wait for
+// ever behind a stream of small ones, each fitting in what the window
+// frees before the large one does. Callers hold mu.
+func (p *pool) heldAhead(now time.Time, model string, w *waiter, b *limiter.Bucket, tokens int64) bool {
 	for _, x := range p.queues[model] {
 		if x == w {
 			return false
 		}
-		if p.choose(now, model, x.req.WorkloadType, x.tokens).bucket == b {
+		xs := p.choose(now, model, x.req.WorkloadType, x.tokens)
+		if xs.bucket == b {
+			return true
+		}
+		if xs.key != nil || xs.soonest != b || xs.soonestAt.After(x.deadline) {
+			continue
+		}
+		// delayTolerance absorbs CheckBehind's computed pacer wait, which
+		// may be a nanosecond off Check's.
+		const delayTolerance = time.Microsecond
+		if d := b.CheckBehind(now, x.tokens, tokens); d.Never || now.Add(d.Wait).After(xs.soonestAt.Add(delayTolerance)) {
 			return true
 		}
 	}

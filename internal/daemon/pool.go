@@ -99,8 +99,9 @@ type leaseState struct {
 
 // waiter is a lease request waiting in its model's queue.
 type waiter struct {
-	req    *api.LeaseRequest
-	tokens int64
+	req      *api.LeaseRequest
+	tokens   int64
+	deadline time.Time // when it stops waiting
 }
 
 // leaseHeap orders open leases by expiry.
@@ -411,11 +412,22 @@ type selection struct {
 	retryAt time.Time  // when some eligible bucket frees; zero if none will
 	err     *api.Error // a refusal that waiting cannot change
 	why     []string   // why each key could not be used now
+	// soonest is, when no key can be used now, the eligible bucket whose
+	// limits free first (at soonestAt), if one does: where the request
+	// will be granted if nothing else takes the capacity meanwhile.
+	soonest   *limiter.Bucket
+	soonestAt time.Time
 }
 
+// heldRetry is the retry_after keyd gives a request refused because the
+// free capacity is held for requests that wait ahead of it: they may
+// still give it up (their wait ends, or they are canceled).
+const heldRetry = time.Second
+
 // choose picks the key for a request, or says why none can serve it now.
-// Callers hold mu.
-func (p *pool) choose(now time.Time, model, workload string, tokens int64) selection {
+// The buckets in held are not used: their free capacity is held for
+// requests waiting ahead (see lease). Callers hold mu.
+func (p *pool) choose(now time.Time, model, workload string, tokens int64, held ...*limiter.Bucket) selection {
 	var sel selection
 	keys, ok := p.byModel[model]
 	if !ok {
@@ -457,8 +469,17 @@ func (p *pool) choose(now time.Time, model, workload string, tokens int64) selec
 		if !d.OK {
 			sel.why = append(sel.why, k.ID+": "+d.Reason)
 			if !d.Never {
-				sel.retryAt = earliest(sel.retryAt, now.Add(d.Wait))
+				at := now.Add(d.Wait)
+				sel.retryAt = earliest(sel.retryAt, at)
+				if sel.soonest == nil || at.Before(sel.soonestAt) {
+					sel.soonest, sel.soonestAt = b, at
+				}
 			}
+			continue
+		}
+		if slices.Contains(held, b) {
+			sel.why = append(sel.why, k.ID+": its free capacity is held for earlier requests waiting for it")
+			sel.retryAt = earliest(sel.retryAt, now.Add(heldRetry))
 			continue
 		}
 		if k.MaxInFlight > 0 && ks.inFlight >= k.MaxInFlight {

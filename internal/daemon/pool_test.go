@@ -680,3 +680,106 @@ func restoreFrom(t *testing.T, p *pool, st store.Store, now time.Time) {
 	p.restore(s, now, &store.Batch{})
 	p.mu.Unlock()
 }
+
+// TestLargeRequestIsNotStarvedBySmallOnes: a request of 900 tokens waits
+// for a 1,000-token window that a stream of 100-token requests keeps
+// nearly full. Each small one would fit as soon as an older grant leaves
+// the window, so without holding the bucket for the large one it would
+// never fit; with it, the large one is granted the moment the window has
+// room for it, and the small ones wait their turn behind it.
+func TestLargeRequestIsNotStarvedBySmallOnes(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		p := testPool(t, &memStore{}, `{"keys":[{"key_id":"k1","model_name":"m","rpm":1000,"tpm":1000}]}`)
+		t0 := time.Now()
+		var wg sync.WaitGroup
+		defer wg.Wait()
+		// A small request every 6 s for 3 minutes, each willing to wait.
+		for i := range 30 {
+			wg.Go(func() {
+				time.Sleep(time.Duration(i) * 6 * time.Second)
+				mustLease(t, p, api.LeaseRequest{Model: "m", Tokens: 100, WaitMS: 300_000})
+			})
+		}
+		time.Sleep(30 * time.Second)
+		synctest.Wait() // the small request of t=30s is granted: 600 tokens in the window
+		l := mustLease(t, p, api.LeaseRequest{Model: "m", Tokens: 900, WaitMS: 120_000})
+		// 900 fits once 500 of the 600 have left: the grant of t=24s
+		// leaves at t=84s.
+		if got := time.Since(t0); got != 84*time.Second || l.Tokens != 900 {
+			t.Fatalf("large request granted at %v, want 1m24s", got)
+		}
+	})
+}
+
+// TestHeldBucketOnlyWhenItDelaysAWaiter: a later request may not take
+// capacity of the bucket a waiter waits for when that would delay the
+// waiter's grant within its wait. It goes to another bucket if one can
+// serve it, and waits or is refused if none can; when the waiter's wait
+// ends before the bucket frees, nothing is held for it.
+func TestHeldBucketOnlyWhenItDelaysAWaiter(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		// Requests that name a workload type go to one key; the others
+		// may use both.
+		p := testPool(t, &memStore{}, `{"keys":[
+			{"key_id":"a","project":"p1","model_name":"m","rpm":1000,"tpm":1000,"workload_type":"wa"},
+			{"key_id":"b","project":"p2","model_name":"m","rpm":1000,"tpm":1000,"workload_type":"wb"}]}`)
+		t0 := time.Now()
+		at := func(d time.Duration) { time.Sleep(t0.Add(d).Sub(time.Now())) }
+		lease := func(tokens int64, waitMS int64) (*api.Lease, *api.Error) {
+			return p.lease(context.Background(), &api.LeaseRequest{Model: "m", Tokens: tokens, WaitMS: waitMS})
+		}
+		// p1: 100 tokens at each of t=0,10,...,50 s; p2: 850 at t=50 s.
+		for i := range 6 {
+			at(time.Duration(i) * 10 * time.Second)
+			mustLease(t, p, api.LeaseRequest{Model: "m", Tokens: 100, WorkloadType: "wa"})
+		}
+		mustLease(t, p, api.LeaseRequest{Model: "m", Tokens: 850, WorkloadType: "wb"})
+
+		// x needs 900: p1 has room once the grant of t=40 s leaves (t=100
+		// s), p2 once its 850 leave (t=110 s). It waits for p1.
+		at(55 * time.Second)
+		xDone := make(chan time.Duration)
+		go func() {
+			l, err := lease(900, 120_000)
+			if err != nil || l.KeyID != "a" {
+				t.Errorf("x: %+v %v, want a lease on a", l, err)
+			}
+			xDone <- time.Since(t0)
+		}()
+		synctest.Wait()
+
+		// 100 tokens fit on p1 now, but would move x's grant from t=100
+		// s to t=110 s: they go to p2, which has room for them.
+		at(60 * time.Second)
+		if l, err := lease(100, 0); err != nil || l.KeyID != "b" {
+			t.Fatalf("r1: %+v %v, want a lease on b at once", l, err)
+		}
+		// p2 is now full; p1 is held for x.
+		if l, err := lease(100, 0); err == nil {
+			t.Fatalf("r2 got a lease on %s, want no_capacity", l.KeyID)
+		} else if err.Code != api.CodeNoCapacity || !strings.Contains(err.Message, "a: its free capacity is held for earlier requests waiting for it") {
+			t.Fatalf("r2: %s %q", err.Code, err.Message)
+		}
+		if got := <-xDone; got != 100*time.Second {
+			t.Fatalf("x granted at %v, want 1m40s", got)
+		}
+
+		// y needs 900 and waits 5 s: p1 frees for it at t=160 s, p2 at
+		// t=110 s, both after its wait; nothing is held for it, and a
+		// request that fits on p2 takes it at once.
+		at(101 * time.Second)
+		yDone := make(chan *api.Error)
+		go func() {
+			_, err := lease(900, 5000)
+			yDone <- err
+		}()
+		synctest.Wait()
+		at(102 * time.Second)
+		if l, err := lease(50, 0); err != nil || l.KeyID != "b" {
+			t.Fatalf("r3: %+v %v, want a lease on b at once", l, err)
+		}
+		if err := <-yDone; err == nil || err.Code != api.CodeNoCapacity || time.Since(t0) != 106*time.Second {
+			t.Fatalf("y: %v at %v, want no_capacity at 1m46s", err, time.Since(t0))
+		}
+	})
+}

@@ -191,7 +191,37 @@ func (b *Bucket) advance(now time.Time) {
 // Check says whether a grant of tokens input tokens could be made now,
 // and if not, how long until it could.
 func (b *Bucket) Check(now time.Time, tokens int64) Decision {
+	return b.check(now, tokens, -1)
+}
+
+// CheckBehind is Check as it would answer had one more grant, of extra
+// tokens, been made at now: how long a request of tokens would wait
+// behind it. It changes nothing. keyd uses it to keep a later request from
+// delaying one that waits longer. extra must be at least 0, and
+// Check(now, extra) OK, or the answer means nothing. The pacer's part of
+// the wait is computed, not asked of the pacer, and may be a nanosecond
+// off Check's.
+func (b *Bucket) CheckBehind(now time.Time, tokens, extra int64) Decision {
+	return b.check(now, tokens, max(extra, 0))
+}
+
+// check is Check, after a hypothetical grant of extra tokens at now when
+// extra >= 0.
+func (b *Bucket) check(now time.Time, tokens, extra int64) Decision {
 	b.advance(now)
+	behind := extra >= 0
+	grants, used, dayCnt := int64(len(b.grants)), b.tokens(), b.dayCnt
+	if behind {
+		grants, used, dayCnt = grants+1, used+extra, dayCnt+1
+	}
+	// at is when the i-th oldest grant of the window was made, the
+	// hypothetical one (the newest) included.
+	at := func(i int64) time.Time {
+		if i < int64(len(b.grants)) {
+			return b.grants[i].At
+		}
+		return now
+	}
 	l := b.limits
 	if p := b.penalty; p.State == Disabled {
 		return Decision{Never: true, Reason: "disabled: " + p.Reason}
@@ -211,16 +241,18 @@ func (b *Bucket) Check(now time.Time, tokens int64) Decision {
 	if p := b.penalty; p.State == Cooling || p.State == Exhausted {
 		wait(p.Until.Sub(now), p.State.String()+": "+p.Reason)
 	}
-	if l.RPD > 0 && b.dayCnt >= l.RPD {
-		wait(b.dayEnd.Sub(now), fmt.Sprintf("rpd %d/%d", b.dayCnt, l.RPD))
+	if l.RPD > 0 && dayCnt >= l.RPD {
+		wait(b.dayEnd.Sub(now), fmt.Sprintf("rpd %d/%d", dayCnt, l.RPD))
 	}
-	if n := int64(len(b.grants)); n >= l.RPM {
+	if n := grants; n >= l.RPM {
 		// The (n-RPM+1)-th oldest grant must leave the window.
-		wait(b.grants[n-l.RPM].At.Add(b.span()).Sub(now), fmt.Sprintf("rpm %d/%d", n, l.RPM))
+		wait(at(n-l.RPM).Add(b.span()).Sub(now), fmt.Sprintf("rpm %d/%d", n, l.RPM))
 	}
-	if used := b.tokens(); used+tokens > l.TPM {
+	if used+tokens > l.TPM {
 		excess := used + tokens - l.TPM
-		var w time.Duration
+		// Past every real grant, only the hypothetical one (made at now)
+		// is left to leave; tokens <= TPM, so it is enough.
+		w := b.span()
 		for _, g := range b.grants {
 			excess -= g.Tokens
 			if excess <= 0 {
@@ -230,7 +262,15 @@ func (b *Bucket) Check(now time.Time, tokens int64) Decision {
 		}
 		wait(w, fmt.Sprintf("tpm %d+%d/%d", used, tokens, l.TPM))
 	}
-	if b.pacer != nil {
+	if b.pacer != nil && behind {
+		// The hypothetical grant took a token the pacer still counts:
+		// the pacer holds min(burst, t-1 + rate·w) at now+w, and burst is
+		// at least 1, so a token is back once t-1 + rate·w reaches 1.
+		if t := b.pacer.TokensAt(now) - 1; t < 1 {
+			w := time.Duration(math.Ceil((1 - t) / float64(b.pacer.Limit()) * float64(time.Second)))
+			wait(w, fmt.Sprintf("paced: burst_capacity %d at %d/min", l.BurstCapacity, l.RPM))
+		}
+	} else if b.pacer != nil {
 		if t := b.pacer.TokensAt(now); t < 1 {
 			w := time.Duration(math.Ceil((1 - t) / float64(b.pacer.Limit()) * float64(time.Second)))
 			// Make w the first instant the pacer itself finds a token at:
