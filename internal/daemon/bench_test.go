@@ -5,6 +5,7 @@ import (
 	"context"
 	"fmt"
 	"log/slog"
+	"math"
 	"os"
 	"regexp"
 	rtmetrics "runtime/metrics"
@@ -49,6 +50,10 @@ var benchClients = []int{1, 8, 64}
 //	cpu-us/pair      user+system CPU of the whole process (clients, HTTP,
 //	                 keyd and the store) per pair
 //	gc/s             garbage collections per second, whole process
+//	runq-p50-ms      how long goroutines waited to run once runnable
+//	runq-p99-ms      (the runtime's /sched/latencies:seconds, sampled),
+//	                 whole process: the wait for a CPU, a bucket's upper
+//	                 bound
 //	peak-rss-MiB     the process's peak RSS (VmHWM) during the run; the
 //	                 peak is reset as the run starts, to the RSS of the moment
 //
@@ -245,6 +250,7 @@ type clientRun struct {
 	gcs                  uint64          // garbage collections
 	peakRSS              int64           // bytes, VmHWM; 0 if unknown
 	first, second, total []time.Duration // sorted
+	runnable             [2]float64      // seconds: p50, p99 of goroutines' wait to run
 }
 
 // runClients runs op b.N times in all, from n goroutines, and collects
@@ -269,7 +275,7 @@ func runClients(b *testing.B, n int, op func() (time.Duration, time.Duration, er
 	b.ReportAllocs()
 	resetPeakRSS()
 	b.ResetTimer()
-	cpu0, gc0 := cpuTime(), gcCycles()
+	cpu0, gc0, sched0 := cpuTime(), gcCycles(), schedLatencies()
 	start := time.Now()
 	for i := range n {
 		wg.Go(func() {
@@ -288,6 +294,7 @@ func runClients(b *testing.B, n int, op func() (time.Duration, time.Duration, er
 	}
 	wg.Wait()
 	r := &clientRun{elapsed: time.Since(start), cpu: cpuTime() - cpu0, gcs: gcCycles() - gc0}
+	r.runnable = histPercentiles(schedLatencies(), sched0, 50, 99)
 	b.StopTimer()
 	r.peakRSS = peakRSS()
 	for _, l := range lats {
@@ -313,6 +320,8 @@ func (r *clientRun) report(b *testing.B) {
 	b.ReportMetric(ms(pct(r.second, 50)), "report-p50-ms")
 	b.ReportMetric(float64(r.cpu.Microseconds())/float64(len(r.total)), "cpu-us/pair")
 	b.ReportMetric(float64(r.gcs)/r.elapsed.Seconds(), "gc/s")
+	b.ReportMetric(r.runnable[0]*1000, "runq-p50-ms")
+	b.ReportMetric(r.runnable[1]*1000, "runq-p99-ms")
 	if r.peakRSS > 0 {
 		b.ReportMetric(float64(r.peakRSS)/(1<<20), "peak-rss-MiB")
 	}
@@ -333,6 +342,42 @@ func gcCycles() uint64 {
 	s := []rtmetrics.Sample{{Name: "/gc/cycles/total:gc-cycles"}}
 	rtmetrics.Read(s)
 	return s[0].Value.Uint64()
+}
+
+// schedLatencies returns the runtime's histogram of the time goroutines
+// spent runnable before running (/sched/latencies:seconds, sampled by
+// the runtime): how long work waits for a CPU.
+func schedLatencies() *rtmetrics.Float64Histogram {
+	s := []rtmetrics.Sample{{Name: "/sched/latencies:seconds"}}
+	rtmetrics.Read(s)
+	h := s[0].Value.Float64Histogram()
+	return &rtmetrics.Float64Histogram{Counts: slices.Clone(h.Counts), Buckets: h.Buckets}
+}
+
+// histPercentiles returns the percentiles ps of what histogram h counted
+// since h0, each as the upper bound of its bucket (the last bucket's
+// lower bound when that one is unbounded).
+func histPercentiles(h, h0 *rtmetrics.Float64Histogram, ps ...float64) (out [2]float64) {
+	var total uint64
+	counts := slices.Clone(h.Counts)
+	for i := range counts {
+		counts[i] -= h0.Counts[i]
+		total += counts[i]
+	}
+	for j, p := range ps[:min(len(ps), len(out))] {
+		var acc uint64
+		for i, c := range counts {
+			acc += c
+			if total > 0 && float64(acc) >= p/100*float64(total) {
+				out[j] = h.Buckets[i+1]
+				if math.IsInf(out[j], 1) {
+					out[j] = h.Buckets[i]
+				}
+				break
+			}
+		}
+	}
+	return out
 }
 
 // resetPeakRSS resets the process's peak RSS (VmHWM) to its current RSS
