@@ -20,6 +20,7 @@ import (
 	"github.com/keyd/keyd/api"
 	"github.com/keyd/keyd/client"
 	"github.com/keyd/keyd/internal/gctune"
+	"github.com/keyd/keyd/internal/store"
 )
 
 // benchKeys are four keys in two projects with limits no benchmark can
@@ -200,6 +201,109 @@ func BenchmarkLeaseReportAtRate(b *testing.B) {
 			b.ReportMetric(ms(pct(leases, 99)), "lease-p99-ms")
 			b.ReportMetric(100*float64(late.Load())/float64(max(len(pairs), 1)), "late-%")
 			b.ReportMetric(float64(cpu.Microseconds())/float64(max(len(pairs), 1)), "cpu-us/pair")
+		})
+	}
+}
+
+// BenchmarkLeaseReportTail looks into the tail of BenchmarkLeaseReport
+// at 64 clients: each request's end is timed, the slow ones (over 5 ms,
+// the p99 target) are counted, and so are the 10 ms windows in
+// which more than a quarter of the requests that ended were slow, which
+// tells a stall (many slow requests at once) from spread. It runs keyd
+// as BenchmarkLeaseReport does (default), with a 512 MiB heap headroom
+// (a collection every few seconds instead of several a second), and with
+// checkpoints off (a 1 GiB log, so none during the run but the first
+// prune's), to see how much of the tail each of the two explains.
+// Metrics besides those of BenchmarkLeaseReport:
+//
+//	slow-%           requests (leases and reports) over 5 ms
+//	stall-windows-%  10 ms windows in which over 25% of the requests that
+//	                 ended took over 5 ms
+func BenchmarkLeaseReportTail(b *testing.B) {
+	const clients = 64
+	for _, v := range []struct {
+		name     string
+		headroom int64
+		store    store.Options
+	}{
+		{"default", gctune.DefaultHeadroom, store.Options{}},
+		{"headroom=512MiB", 512 << 20, store.Options{}},
+		{"checkpoints=off", gctune.DefaultHeadroom, store.Options{CheckpointBytes: 1 << 30, CheckpointInterval: time.Hour, MaxSegmentBytes: 1 << 30}},
+	} {
+		b.Run(v.name+fmt.Sprintf("/clients=%d", clients), func(b *testing.B) {
+			if stop, err := gctune.Start(v.headroom); err != nil {
+				b.Logf("gc heap headroom off: %v", err)
+			} else {
+				defer stop()
+			}
+			d := startDaemonWith(b, benchKeys, func(o *Options) { o.LogLevel, o.Store = slog.LevelInfo, v.store })
+			c := client.New(d.socket)
+			defer c.CloseIdleConnections()
+			ctx := context.Background()
+			rep := api.ReportRequest{Status: 200, Usage: &api.Usage{PromptTokens: 900, OutputTokens: 100}}
+			// ends holds each request's end and whether it was slow, in
+			// slots taken in turn: 2 per pair, warm-up pairs included.
+			type end struct {
+				at   time.Time
+				slow bool
+			}
+			ends := make([]end, 2*(b.N+clients))
+			var next atomic.Int64
+			record := func(t0, t1 time.Time) {
+				if i := next.Add(1) - 1; i < int64(len(ends)) {
+					ends[i] = end{t1, t1.Sub(t0) > 5*time.Millisecond}
+				}
+			}
+			pair := func() (lease, report time.Duration, err error) {
+				t0 := time.Now()
+				l, err := c.Lease(ctx, api.LeaseRequest{Model: "m", Tokens: 1000, Client: "bench"})
+				if err != nil {
+					return 0, 0, err
+				}
+				t1 := time.Now()
+				if _, err := c.Report(ctx, l.LeaseID, rep); err != nil {
+					return 0, 0, err
+				}
+				t2 := time.Now()
+				record(t0, t1)
+				record(t1, t2)
+				return t1.Sub(t0), t2.Sub(t1), nil
+			}
+			r := runClients(b, clients, pair)
+			r.report(b)
+			ends = ends[2*clients : min(int(next.Load()), len(ends))] // the run's, not the warm-up's
+			if len(ends) == 0 {
+				return
+			}
+			first := ends[0].at
+			for _, e := range ends {
+				if e.at.Before(first) {
+					first = e.at
+				}
+			}
+			const window = 10 * time.Millisecond
+			type count struct{ all, slow int }
+			windows := map[int64]count{}
+			slow := 0
+			for _, e := range ends {
+				w := int64(e.at.Sub(first) / window)
+				c := windows[w]
+				c.all++
+				if e.slow {
+					c.slow++
+					slow++
+				}
+				windows[w] = c
+			}
+			stalls := 0
+			for _, c := range windows {
+				if 4*c.slow > c.all {
+					stalls++
+				}
+			}
+			n := int64(r.elapsed/window) + 1
+			b.ReportMetric(100*float64(slow)/float64(len(ends)), "slow-%")
+			b.ReportMetric(100*float64(stalls)/float64(n), "stall-windows-%")
 		})
 	}
 }

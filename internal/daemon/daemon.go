@@ -58,6 +58,11 @@ type Options struct {
 	// garbage collector (--gc-headroom; 0 is off). Run ignores it: the
 	// collector is the whole process's, and tests embed Run.
 	GCHeadroom int64
+	// Store tunes the durable store's write-ahead log (checkpoint size
+	// and interval, segment bound) for tests and benchmarks; the zero
+	// value is the store's defaults, which keyd always uses. Its OnCommit
+	// is Run's own.
+	Store store.Options
 }
 
 // Main runs keyd with command-line args and returns its exit code.
@@ -275,7 +280,9 @@ func Run(ctx context.Context, o Options) error {
 		return err
 	}
 	commits := newHistogram(storeCommitBounds)
-	st, err := store.Open(stateDir, store.Options{OnCommit: commits.observe})
+	sopts := o.Store
+	sopts.OnCommit = commits.observe
+	st, err := store.Open(stateDir, sopts)
 	if err != nil {
 		return fmt.Errorf("opening the store: %w", err)
 	}
