@@ -170,8 +170,9 @@ type BucketState struct {
 	InFlight int     `json:"in_flight"`
 	// Warnings say what is wrong with the bucket's configuration and the
 	// fix: one per limit that a 429 from Gemini reported lower than
-	// keys.json's, which the bucket enforces until a reload changes that
-	// limit. Absent when there are none.
+	// keys.json's, naming the lowest quota when several did, which the
+	// bucket enforces until a reload changes that limit or an admin
+	// resets one of its keys. Absent when there are none.
 	Warnings []string `json:"warnings,omitempty"`
 }
 

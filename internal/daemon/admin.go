@@ -16,8 +16,8 @@ import (
 )
 
 // keyAction disables, enables or resets a key for an admin. reset also
-// clears the penalties of the key's buckets, which other keys of the same
-// project share.
+// clears the penalties and the learned limits (learned.go) of the key's
+// buckets, which other keys of the same project share.
 func (p *pool) keyAction(ctx context.Context, keyID, action string, who string) (*api.KeyActionResponse, *api.Error) {
 	p.mu.Lock()
 	now := p.now()
@@ -48,6 +48,9 @@ func (p *pool) keyAction(ctx context.Context, keyID, action string, who string) 
 				if b := p.buckets[bid]; b != nil {
 					b.Clear()
 					putBucket(batch, bid, b.Penalty(now))
+					if _, ok := p.learned[bid]; ok {
+						b.SetLimits(p.forget(bid, p.cfg.Buckets[bid], "a key of the bucket was reset", "key", keyID, "by", who), now)
+					}
 				}
 			}
 		}

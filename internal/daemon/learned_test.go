@@ -1,7 +1,9 @@
 package daemon
 
 import (
+	"context"
 	"encoding/json"
+	"fmt"
 	"log/slog"
 	"regexp"
 	"strings"
@@ -30,18 +32,23 @@ const (
 
 // rpmWarning is the warning a free-tier rpm of 5 gives freeTier's p1.
 const rpmWarning = `project p1 model gemini-2.5-flash: Gemini reports rpm 5 (quota GenerateRequestsPerMinutePerProjectPerModel-FreeTier), ` +
-	`keys.json says 10: set "rpm": 5 for its keys (k1, k2); keyd enforces 5 until then`
+	`keys.json says 10: set "rpm": 5 for its keys (k1, k2); keyd enforces 5 until then (keyctl reset k1 forgets it)`
 
 // quota429 is Gemini's 429 for violations of (quotaId, quotaValue) pairs on
-// model, as the report's error field carries it (decoded JSON).
+// model, as the report's error field carries it (decoded JSON). Model ""
+// gives quotas without quotaDimensions.model: project-wide ones.
 func quota429(t *testing.T, model string, idValues ...string) any {
 	t.Helper()
 	qf := gemini.QuotaFailure{}
 	for i := 0; i < len(idValues); i += 2 {
+		dims := map[string]string{"location": "global"}
+		if model != "" {
+			dims["model"] = model
+		}
 		qf.Violations = append(qf.Violations, gemini.QuotaViolation{
 			QuotaMetric:     "generativelanguage.googleapis.com/generate_content_free_tier_requests",
 			QuotaID:         idValues[i],
-			QuotaDimensions: map[string]string{"location": "global", "model": model},
+			QuotaDimensions: dims,
 			QuotaValue:      idValues[i+1],
 		})
 	}
@@ -158,7 +165,7 @@ func TestQuotaBelowKeysJSONWarnsAndLowersTheLimit(t *testing.T) {
 		t.Fatalf("action %q", r.Action)
 	}
 	four := `project p1 model gemini-2.5-flash: Gemini reports rpm 4 (quota GenerateRequestsPerMinutePerProjectPerModel-FreeTier), ` +
-		`keys.json says 10: set "rpm": 4 for its keys (k1, k2); keyd enforces 4 until then`
+		`keys.json says 10: set "rpm": 4 for its keys (k1, k2); keyd enforces 4 until then (keyctl reset k1 forgets it)`
 	if w := bucketOf(t, p.status("test"), "p1").Warnings; len(w) != 1 || w[0] != four {
 		t.Fatalf("warnings %q, want %q", w, four)
 	}
@@ -186,7 +193,7 @@ func TestQuotaBelowKeysJSONWarnsAndLowersTheLimit(t *testing.T) {
 	clock = clock.Add(time.Hour)
 	report429(t, p, quota429(t, "gemini-2.5-flash", freeRPM, "4"))
 	eight := `project p1 model gemini-2.5-flash: Gemini reports rpm 4 (quota GenerateRequestsPerMinutePerProjectPerModel-FreeTier), ` +
-		`keys.json says 8: set "rpm": 4 for its keys (k1, k2); keyd enforces 4 until then`
+		`keys.json says 8: set "rpm": 4 for its keys (k1, k2); keyd enforces 4 until then (keyctl reset k1 forgets it)`
 	if b := bucketOf(t, p.status("test"), "p1"); len(b.Warnings) != 1 || b.Warnings[0] != eight || b.RPM.Limit != 4 {
 		t.Fatalf("after a 429 on rpm 8: %+v\nwant warning %q", b, eight)
 	}
@@ -220,8 +227,8 @@ func TestQuotaDimensions(t *testing.T) {
 	}
 	b := bucketOf(t, p.status("test"), "p1")
 	want := []string{
-		`project p1 model gemini-2.5-flash: Gemini reports tpm 250000 (quota GenerateContentInputTokensPerModelPerMinute-FreeTier), keys.json says 1000000: set "tpm": 250000 for its keys (k1, k2); keyd enforces 250000 until then`,
-		`project p1 model gemini-2.5-flash: Gemini reports rpd 20 (quota GenerateRequestsPerDayPerProjectPerModel-FreeTier), keys.json says none: set "rpd": 20 for its keys (k1, k2); keyd enforces 20 until then`,
+		`project p1 model gemini-2.5-flash: Gemini reports tpm 250000 (quota GenerateContentInputTokensPerModelPerMinute-FreeTier), keys.json says 1000000: set "tpm": 250000 for its keys (k1, k2); keyd enforces 250000 until then (keyctl reset k1 forgets it)`,
+		`project p1 model gemini-2.5-flash: Gemini reports rpd 20 (quota GenerateRequestsPerDayPerProjectPerModel-FreeTier), keys.json says none: set "rpd": 20 for its keys (k1, k2); keyd enforces 20 until then (keyctl reset k1 forgets it)`,
 	}
 	if strings.Join(b.Warnings, "\n") != strings.Join(want, "\n") || b.RPM.Limit != 10 || b.TPM.Limit != 250000 || b.RPD.Limit != 20 {
 		t.Fatalf("bucket %+v\nwant warnings %q", b, want)
@@ -260,13 +267,14 @@ func TestQuotaDimensions(t *testing.T) {
 		t.Errorf("no debug line for another model's quota:\n%s", logs.String())
 	}
 
-	// The project moved up a tier: a later 429 reports a limit above
-	// keys.json's, and keys.json's holds again.
+	// A later 429 reports the same quota at a value no lower than
+	// keys.json's: keys.json's holds again. (Another quota's value, such as
+	// the paid tier's, does not speak for it: see TestLearnedLimitsPerQuota.)
 	p3 := learnPool(t, freeTier, &clock, &logs)
 	next()
 	report429(t, p3, quota429(t, "gemini-2.5-flash", freeRPM, "5"))
 	next()
-	r = report429(t, p3, quota429(t, "gemini-2.5-flash", "GenerateRequestsPerMinutePerProjectPerModel", "1000"))
+	r = report429(t, p3, quota429(t, "gemini-2.5-flash", freeRPM, "1000"))
 	if !strings.HasSuffix(r.Action, "; rpm back to keys.json's 10 (Gemini reports 1000)") {
 		t.Fatalf("action %q", r.Action)
 	}
@@ -313,4 +321,207 @@ func TestQuotaWarningOverTheSocket(t *testing.T) {
 	if n := strings.Count(d.log.String(), warnLine); n != 1 {
 		t.Fatalf("%d lines %q in the log:\n%s", n, warnLine, d.log)
 	}
+}
+
+// checkRPM fails the test unless bucket p1 of p enforces rpm and has
+// exactly the warnings want.
+func checkRPM(t *testing.T, p *pool, step string, rpm int64, want ...string) {
+	t.Helper()
+	b := bucketOf(t, p.status("test"), "p1")
+	if b.RPM.Limit != rpm {
+		t.Fatalf("%s: bucket p1 enforces rpm %d, want %d (warnings %q)", step, b.RPM.Limit, rpm, b.Warnings)
+	}
+	if strings.Join(b.Warnings, "\n") != strings.Join(want, "\n") {
+		t.Fatalf("%s: warnings\n%q\nwant\n%q", step, b.Warnings, want)
+	}
+}
+
+// TestLearnedLimitsPerQuota: limits are learned per quota; the lowest of
+// a dimension binds and is the one the warning names. A report of one
+// quota never clears or raises the limit another quota taught.
+func TestLearnedLimitsPerQuota(t *testing.T) {
+	clock := time.Date(2026, 11, 29, 12, 0, 0, 0, time.UTC)
+	var logs testutil.SyncBuffer
+	p := learnPool(t, freeTier, &clock, &logs)
+	next := func() { clock = clock.Add(25 * time.Hour) } // past any cooldown or day
+	const (
+		perProject = "GenerateRequestsPerMinutePerProject" // no quotaDimensions.model
+		paid       = "GenerateRequestsPerMinutePerProjectPerModel"
+	)
+	projectWarning := func(v int) string {
+		return fmt.Sprintf(`project p1 model gemini-2.5-flash: Gemini reports rpm %d (quota GenerateRequestsPerMinutePerProject), `+
+			`keys.json says 10: set "rpm": %d for its keys (k1, k2); keyd enforces %d until then (keyctl reset k1 forgets it)`, v, v, v)
+	}
+	noRPMAction := func(step string, r *api.ReportResponse) {
+		t.Helper()
+		if strings.Contains(r.Action, "rpm") {
+			t.Fatalf("%s: action %q changes rpm", step, r.Action)
+		}
+	}
+
+	report429(t, p, quota429(t, "gemini-2.5-flash", freeRPM, "5"))
+	checkRPM(t, p, "free-tier quota 5", 5, rpmWarning)
+
+	// Other quotas of the same dimension at or above keys.json's, with a
+	// model or project-wide, say nothing about freeRPM's.
+	for _, body := range []any{quota429(t, "", perProject, "100"), quota429(t, "gemini-2.5-flash", paid, "1000")} {
+		next()
+		noRPMAction("another quota above keys.json's", report429(t, p, body))
+		checkRPM(t, p, "another quota above keys.json's", 5, rpmWarning)
+	}
+	// One below keys.json's but above 5 is kept, and does not bind.
+	next()
+	noRPMAction("project-wide 8", report429(t, p, quota429(t, "", perProject, "8")))
+	checkRPM(t, p, "project-wide 8", 5, rpmWarning)
+	// Below 5 it binds, and the warning names it.
+	next()
+	if r := report429(t, p, quota429(t, "", perProject, "3")); !strings.HasSuffix(r.Action, "; rpm limited to 3 as Gemini reports (keys.json says 10)") {
+		t.Fatalf("project-wide 3: action %q", r.Action)
+	}
+	checkRPM(t, p, "project-wide 3", 3, projectWarning(3))
+	// Its own quota at 8 again: freeRPM's 5 binds again.
+	next()
+	if r := report429(t, p, quota429(t, "", perProject, "8")); !strings.HasSuffix(r.Action, "; rpm limited to 5 as Gemini reports (keys.json says 10)") {
+		t.Fatalf("project-wide 8 again: action %q", r.Action)
+	}
+	checkRPM(t, p, "project-wide 8 again", 5, rpmWarning)
+	// freeRPM no lower than keys.json's clears only freeRPM's: 8 binds.
+	next()
+	if r := report429(t, p, quota429(t, "gemini-2.5-flash", freeRPM, "10")); !strings.HasSuffix(r.Action, "; rpm limited to 8 as Gemini reports (keys.json says 10)") {
+		t.Fatalf("free-tier quota 10: action %q", r.Action)
+	}
+	checkRPM(t, p, "free-tier quota 10", 8, projectWarning(8))
+	// And the project-wide quota no lower than keys.json's clears the last.
+	next()
+	if r := report429(t, p, quota429(t, "", perProject, "100")); !strings.HasSuffix(r.Action, "; rpm back to keys.json's 10 (Gemini reports 100)") {
+		t.Fatalf("project-wide 100: action %q", r.Action)
+	}
+	checkRPM(t, p, "project-wide 100", 10)
+	p.mu.Lock()
+	n := len(p.learned)
+	p.mu.Unlock()
+	if n != 0 {
+		t.Fatalf("%d buckets with learned limits after the last one cleared", n)
+	}
+
+	// The log warns once per binding limit: 5, 3, 5 again, 8.
+	warns := regexp.MustCompile(`level=WARN msg="project p1 model gemini-2.5-flash: Gemini reports rpm (\d+) `).FindAllStringSubmatch(logs.String(), -1)
+	var got []string
+	for _, m := range warns {
+		got = append(got, m[1])
+	}
+	if strings.Join(got, " ") != "5 3 5 8" {
+		t.Fatalf("warn lines for rpm %q, want 5 3 5 8:\n%s", got, logs.String())
+	}
+	if !strings.Contains(logs.String(), `level=INFO msg="quota warning cleared: Gemini reports a limit no lower than keys.json's" bucket=p1/gemini-2.5-flash limit=rpm keys_json=10 gemini_reported=100 quota=GenerateRequestsPerMinutePerProject`) {
+		t.Fatalf("the log does not say the warning cleared:\n%s", logs.String())
+	}
+}
+
+// TestResetForgetsLearnedLimits: keyctl reset of a key forgets the
+// learned limits of that key's buckets, and only those: the way out after
+// a tier upgrade, which no 429 announces.
+func TestResetForgetsLearnedLimits(t *testing.T) {
+	clock := time.Date(2026, 11, 29, 12, 0, 0, 0, time.UTC)
+	var logs testutil.SyncBuffer
+	p := learnPool(t, freeTier, &clock, &logs)
+	report429(t, p, quota429(t, "gemini-2.5-flash", freeRPD, "20", freeRPM, "5"))
+	b := bucketOf(t, p.status("test"), "p1")
+	if len(b.Warnings) != 2 || b.RPM.Limit != 5 || b.RPD.Limit != 20 {
+		t.Fatalf("after the 429: %+v", b)
+	}
+
+	// Another project's key: p1 keeps them.
+	if _, err := p.keyAction(context.Background(), "k3", "reset", "test"); err != nil {
+		t.Fatal(err)
+	}
+	if b := bucketOf(t, p.status("test"), "p1"); len(b.Warnings) != 2 || b.RPM.Limit != 5 || b.RPD.Limit != 20 {
+		t.Fatalf("after resetting p2's key: %+v", b)
+	}
+	// A key of p1's bucket: keys.json's limits again, the window kept.
+	if _, err := p.keyAction(context.Background(), "k2", "reset", "test"); err != nil {
+		t.Fatal(err)
+	}
+	b = bucketOf(t, p.status("test"), "p1")
+	if b.Warnings != nil || b.State != api.StateReady || b.RPM.Limit != 10 || b.RPD.Limit != 0 || b.RPM.Used != 1 {
+		t.Fatalf("after resetting k2: %+v", b)
+	}
+	for _, line := range []string{
+		`level=INFO msg="quota warning cleared: a key of the bucket was reset" bucket=p1/gemini-2.5-flash limit=rpm keys_json=10 gemini_reported=5 quota=` + freeRPM + ` key=k2 by=test`,
+		`level=INFO msg="quota warning cleared: a key of the bucket was reset" bucket=p1/gemini-2.5-flash limit=rpd keys_json=0 gemini_reported=20 quota=` + freeRPD + ` key=k2 by=test`,
+	} {
+		if !strings.Contains(logs.String(), line) {
+			t.Errorf("no line %s in the log:\n%s", line, logs.String())
+		}
+	}
+	// A 429 teaches them again.
+	clock = clock.Add(25 * time.Hour)
+	report429(t, p, quota429(t, "gemini-2.5-flash", freeRPM, "5"))
+	checkRPM(t, p, "the next 429", 5, rpmWarning)
+}
+
+// TestQuotaWarningBurstCapacity: when burst_capacity is above the rpm
+// Gemini reports, the fix the warning gives lowers it too, else keys.json
+// would reject the rpm; following the fix clears the warning.
+func TestQuotaWarningBurstCapacity(t *testing.T) {
+	const oneKey = `{"keys":[{"key_id":"k1","project":"p1","model_name":"gemini-2.5-flash","rpm":10,"tpm":1000000,"burst_capacity":BURST}]}`
+	for _, tc := range []struct {
+		burst string
+		set   string
+	}{
+		{"10", `set "rpm": 5 and "burst_capacity": 5 or less for its keys (k1)`},
+		{"6", `set "rpm": 5 and "burst_capacity": 5 or less for its keys (k1)`},
+		{"5", `set "rpm": 5 for its keys (k1)`},
+		{"0", `set "rpm": 5 for its keys (k1)`},
+	} {
+		clock := time.Date(2026, 11, 29, 12, 0, 0, 0, time.UTC)
+		var logs testutil.SyncBuffer
+		keysJSON := strings.Replace(oneKey, "BURST", tc.burst, 1)
+		p := learnPool(t, keysJSON, &clock, &logs)
+		report429(t, p, quota429(t, "gemini-2.5-flash", freeRPM, "5"))
+		want := `project p1 model gemini-2.5-flash: Gemini reports rpm 5 (quota GenerateRequestsPerMinutePerProjectPerModel-FreeTier), keys.json says 10: ` +
+			tc.set + `; keyd enforces 5 until then (keyctl reset k1 forgets it)`
+		checkRPM(t, p, "burst_capacity "+tc.burst, 5, want)
+		if !strings.Contains(logs.String(), `level=WARN msg="`+strings.ReplaceAll(want, `"`, `\"`)+`"`) {
+			t.Fatalf("burst_capacity %s: no warn line %q:\n%s", tc.burst, want, logs.String())
+		}
+		// Doing what it says is a valid keys.json, which clears it.
+		fixed := strings.Replace(keysJSON, `"rpm":10`, `"rpm":5`, 1)
+		if strings.Contains(tc.set, "burst_capacity") {
+			fixed = strings.Replace(fixed, `"burst_capacity":`+tc.burst, `"burst_capacity":5`, 1)
+		}
+		if _, err := p.reload(func() (*config.Config, error) { return testConfig(t, fixed), nil }); err != nil {
+			t.Fatalf("burst_capacity %s: reload of the fix: %v", tc.burst, err)
+		}
+		checkRPM(t, p, "burst_capacity "+tc.burst+" after the fix", 5)
+	}
+}
+
+// TestLearnedLimitsOfARemovedBucket: a bucket removed from keys.json
+// loses its learned limits, so that one added back starts from keys.json.
+func TestLearnedLimitsOfARemovedBucket(t *testing.T) {
+	clock := time.Date(2026, 11, 29, 12, 0, 0, 0, time.UTC)
+	var logs testutil.SyncBuffer
+	p := learnPool(t, freeTier, &clock, &logs)
+	report429(t, p, quota429(t, "gemini-2.5-flash", freeRPM, "5"))
+	checkRPM(t, p, "after the 429", 5, rpmWarning)
+	reload := func(keysJSON string) {
+		t.Helper()
+		if _, err := p.reload(func() (*config.Config, error) { return testConfig(t, keysJSON), nil }); err != nil {
+			t.Fatal(err)
+		}
+	}
+	onlyP2 := `{"keys":[{"key_id":"k3","project":"p2","model_name":"gemini-2.5-flash","rpm":10,"tpm":1000000,"priority":-1}]}`
+	reload(onlyP2)
+	p.mu.Lock()
+	_, kept := p.learned[config.BucketID{Project: "p1", Model: "gemini-2.5-flash"}]
+	p.mu.Unlock()
+	if kept {
+		t.Fatal("the learned limits of p1, gone from keys.json, are kept")
+	}
+	if !strings.Contains(logs.String(), `level=INFO msg="quota warning cleared: the bucket is no longer in keys.json" bucket=p1/gemini-2.5-flash limit=rpm keys_json=10 gemini_reported=5 quota=`+freeRPM) {
+		t.Fatalf("the log does not say the warning cleared:\n%s", logs.String())
+	}
+	reload(freeTier)
+	checkRPM(t, p, "p1 added back", 10)
 }

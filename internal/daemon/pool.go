@@ -220,6 +220,9 @@ func (p *pool) apply(cfg *config.Config, now time.Time, batch *store.Batch) {
 		if _, ok := cfg.Buckets[bid]; !ok {
 			delete(p.buckets, bid)
 			p.retired[bid] = b
+			// Its learned limits go: keys.json has no limit left to fix,
+			// and the bucket added back starts from keys.json's.
+			p.forget(bid, config.Limits{}, "the bucket is no longer in keys.json")
 		}
 	}
 	p.kick()

@@ -162,3 +162,52 @@ func TestStatusBucketWarnings(t *testing.T) {
 		t.Errorf("changes without a change: %+v", changes)
 	}
 }
+
+// TestWatchWarningCleared: keyctl watch reports a bucket warning that went
+// away as a change line, as it reports one that appeared; a warning whose
+// text changed (a new value) is one cleared and one new.
+func TestWatchWarningCleared(t *testing.T) {
+	var st api.Status
+	if err := json.Unmarshal([]byte(bucketWarningJSON), &st); err != nil {
+		t.Fatal(err)
+	}
+	rpm, rpd := st.Buckets[1].Warnings[0], st.Buckets[1].Warnings[1]
+	after := st
+	after.Buckets = slices.Clone(st.Buckets)
+	after.Buckets[1].Warnings = []string{rpd}
+	changes := diffStatus(&st, &after)
+	if len(changes) != 1 || changes[0].what != "warning cleared: "+rpm || !slices.Equal(changes[0].bkts, []string{"p1/gemini-2.5-flash"}) {
+		t.Errorf("one warning cleared: changes %+v", changes)
+	}
+
+	// Every warning gone at once: a keyctl reset of the bucket's key.
+	after.Buckets[1].Warnings = nil
+	var got []string
+	for _, c := range diffStatus(&st, &after) {
+		got = append(got, c.what)
+	}
+	if want := []string{"warning cleared: " + rpm, "warning cleared: " + rpd}; !slices.Equal(got, want) {
+		t.Errorf("every warning cleared: changes %q\nwant %q", got, want)
+	}
+
+	// A new value: the old warning cleared, the new one shown.
+	four := strings.NewReplacer("rpm 5", "rpm 4", `"rpm": 5`, `"rpm": 4`, "enforces 5", "enforces 4").Replace(rpm)
+	after.Buckets[1].Warnings = []string{four, rpd}
+	got = got[:0]
+	for _, c := range diffStatus(&st, &after) {
+		got = append(got, c.what)
+	}
+	if want := []string{"warning cleared: " + rpm, "warning: " + four}; !slices.Equal(got, want) {
+		t.Errorf("a new value: changes %q\nwant %q", got, want)
+	}
+
+	// A bucket gone from keys.json takes its warnings with it.
+	after.Buckets = st.Buckets[:1]
+	got = got[:0]
+	for _, c := range diffStatus(&st, &after) {
+		got = append(got, c.what)
+	}
+	if want := []string{"warning cleared: " + rpm, "warning cleared: " + rpd}; !slices.Equal(got, want) {
+		t.Errorf("the bucket removed: changes %q\nwant %q", got, want)
+	}
+}

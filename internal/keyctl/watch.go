@@ -44,8 +44,8 @@ var watchCmd = &command{
 	short: "show status live, with each state change as it happens",
 	long: `Watch shows what keyctl status shows, refreshed every --interval and fitted
 to the terminal (80 columns are enough), with a CHANGES footer that lists each
-change of a key's or bucket's state, reloads and lost contact with keyd, with
-the time it was seen, e.g.
+change of a key's or bucket's state, a bucket's warning shown or cleared,
+reloads and lost contact with keyd, with the time it was seen, e.g.
   12:01:03 flash_02 ready → cooling (429 per-minute quota …)
 Rows that changed in the last few seconds are highlighted. Ctrl-C leaves the
 terminal as it was before watch started.
@@ -213,7 +213,8 @@ func (w *watcher) record(c change) {
 }
 
 // diffStatus lists what changed from a to b: keys' and buckets' states,
-// keys added and removed, reloads, a restart.
+// keys added and removed, buckets' warnings shown and cleared, reloads, a
+// restart.
 func diffStatus(a, b *api.Status) []change {
 	var out []change
 	if b.UptimeS < a.UptimeS || b.Version != a.Version {
@@ -249,16 +250,33 @@ func diffStatus(a, b *api.Status) []change {
 	for _, bk := range a.Buckets {
 		oldB[bk.Project+"/"+bk.Model] = bk
 	}
+	// A warning that went away (fixed, reset) is cleared, one that came is
+	// new; a warning whose text changed (a new value) is both.
+	warnings := func(id string, was, now []string) {
+		for _, warning := range was {
+			if !slices.Contains(now, warning) {
+				out = append(out, change{what: "warning cleared: " + oneLine(warning), bkts: []string{id}})
+			}
+		}
+		for _, warning := range now {
+			if !slices.Contains(was, warning) {
+				out = append(out, change{what: "warning: " + oneLine(warning), bkts: []string{id}})
+			}
+		}
+	}
+	seenB := map[string]bool{}
 	for _, bk := range b.Buckets {
 		id := bk.Project + "/" + bk.Model
+		seenB[id] = true
 		o, ok := oldB[id]
 		if ok && o.State != bk.State {
 			out = append(out, change{what: id + " " + transition(o.State, bk.State, bk.Reason), bkts: []string{id}})
 		}
-		for _, warning := range bk.Warnings {
-			if !slices.Contains(o.Warnings, warning) {
-				out = append(out, change{what: "warning: " + oneLine(warning), bkts: []string{id}})
-			}
+		warnings(id, o.Warnings, bk.Warnings)
+	}
+	for _, o := range a.Buckets { // a bucket removed from keys.json takes its warnings
+		if id := o.Project + "/" + o.Model; !seenB[id] {
+			warnings(id, o.Warnings, nil)
 		}
 	}
 	return out

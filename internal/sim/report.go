@@ -274,7 +274,7 @@ func (o *Outcome) notes() []string {
 		out = append(out, fmt.Sprintf("**A limit set too high costs keyd most of the quota.** In %q keyd used %s of the real quota (the baselines up to %s), with %d 429s. "+
 			"Each cooldown ends in a burst of leases up to the configured limit; the provider refuses the excess, and each of those 429s, "+
 			"all from the one burst and reported within milliseconds, counts as one more consecutive 429 and doubles the cooldown (limiter.Cool), "+
-			"up to limiter.MaxCooldown (10 minutes), before the burst's successes reset the streak. keyd lowers the bucket's limit to a lower quotaValue only when the 429 carries one for the bucket's model.",
+			"up to limiter.MaxCooldown (10 minutes), before the burst's successes reset the streak. keyd lowers the bucket's limit to a quotaValue the 429 carries below the configured limit, for a quota of the bucket's model or of no model (a project-wide one), not for another model's.",
 			s.Name, pct(r.QuotaUsed), pct(best), r.Provider429))
 	}
 	if r := keyd("invalid"); r != nil && r.Invalid400 > 0 {

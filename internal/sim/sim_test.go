@@ -204,3 +204,27 @@ func TestJain(t *testing.T) {
 		}
 	}
 }
+
+// TestNoteOnALimitSetTooHigh: the note on a configuration above the real
+// limits says when keyd lowers a bucket's limit as keyd does it: for a
+// quota of the bucket's model or of none (project-wide), not only the
+// former.
+func TestNoteOnALimitSetTooHigh(t *testing.T) {
+	o := &Outcome{
+		Scenarios: []*Scenario{{Name: "cut", Configured: map[string]Limits{"p": {}}}},
+		Results:   [][]*Result{{{Policy: "keyd", QuotaUsed: 0.3, Provider429: 40}, {Policy: "baseline", QuotaUsed: 0.9}}},
+	}
+	var note string
+	for _, n := range o.notes() {
+		if strings.HasPrefix(n, "**A limit set too high costs keyd most of the quota.**") {
+			note = n
+		}
+	}
+	if note == "" {
+		t.Fatalf("no note on the limit set too high in %q", o.notes())
+	}
+	if strings.Contains(note, "only when the 429 carries one for the bucket's model") ||
+		!strings.Contains(note, "a quota of the bucket's model or of no model (a project-wide one)") {
+		t.Fatalf("the note says:\n%s", note)
+	}
+}
