@@ -249,7 +249,7 @@ func bdLoop(b *testing.B, op func(*bdTimes) error) {
 func bdSelect(p *pool, t *bdTimes, model string) error {
 	t0 := time.Now()
 	p.mu.Lock()
-	sel := p.choose(p.now(), model, "", 1000)
+	sel := p.choose(p.now(), model, "", 1000, false)
 	p.mu.Unlock()
 	t.add(time.Since(t0))
 	if sel.key == nil {

@@ -39,7 +39,7 @@ func (p *pool) lease(ctx context.Context, req *api.LeaseRequest) (_ *api.Lease, 
 	start := now
 	mc := p.modelCounters(req.Model)
 	var w *waiter
-	var timer *time.Timer
+	var timer *time.Timer // w's deadline
 	defer func() {
 		if timer != nil {
 			timer.Stop()
@@ -59,105 +59,71 @@ func (p *pool) lease(ctx context.Context, req *api.LeaseRequest) (_ *api.Lease, 
 	}
 	wait := time.Duration(req.WaitMS) * time.Millisecond
 	deadline := now.Add(wait)
+	// leave takes w out of the queue, if it is in, and lets the requests
+	// behind it go first.
+	leave := func() {
+		if w != nil {
+			p.dequeue(req.Model, w)
+			p.kick()
+		}
+	}
 	for {
-		sel := p.choose(now, req.Model, req.WorkloadType, tokens)
+		// FIFO: the requests ahead hold the buckets they would be granted
+		// now or that they wait for (see queue.go); another bucket may
+		// serve this one meanwhile.
+		// The queue can only hold capacity back, so when no bucket could
+		// serve the request even alone, the requests ahead need no look.
+		sel := p.choose(now, req.Model, req.WorkloadType, tokens, false)
+		if sel.key != nil && len(p.queues[req.Model]) > 0 && (w == nil || p.queues[req.Model][0] != w) {
+			sel = p.chooseInTurn(now, req.Model, w, req.WorkloadType, tokens)
+		}
 		if sel.err != nil {
-			if w != nil {
-				p.dequeue(req.Model, w)
-			}
+			leave()
 			p.mu.Unlock()
 			return nil, sel.err
 		}
-		// FIFO: a bucket is held for an earlier waiter that can use it
-		// now, or that waits for it and would be granted later if this
-		// request took it. Another bucket may serve this one meanwhile.
-		var held []*limiter.Bucket
-		for sel.key != nil && p.heldAhead(now, req.Model, w, sel.bucket, tokens) {
-			held = append(held, sel.bucket)
-			sel = p.choose(now, req.Model, req.WorkloadType, tokens, held...)
-		}
 		if sel.key != nil {
 			if w != nil {
-				p.dequeue(req.Model, w)
+				p.dequeue(req.Model, w) // grant runs the pass, once it has granted
 			}
 			return p.grant(ctx, now, req, tokens, sel) // unlocks
 		}
 		if !now.Before(deadline) {
-			if w != nil {
-				p.dequeue(req.Model, w)
-			}
+			leave()
 			msg := fmt.Sprintf("no key can serve %s now", req.Model)
 			if wait > 0 {
 				msg = fmt.Sprintf("no key could serve %s within %v", req.Model, wait)
 			}
-			retryAt := sel.retryAt
 			if len(sel.why) > 0 {
 				msg += ": " + joinWhy(sel.why)
 			}
 			p.mu.Unlock()
-			return nil, noCapacity(msg, retryAt, now)
+			return nil, noCapacity(msg, sel.retryAt, now)
 		}
 		if w == nil {
-			w = &waiter{req: req, tokens: tokens, deadline: deadline}
+			w = &waiter{req: req, tokens: tokens, deadline: deadline, wake: make(chan struct{}, 1)}
 			p.queues[req.Model] = append(p.queues[req.Model], w)
+			timer = time.NewTimer(deadline.Sub(now))
 		}
-		wake := deadline
-		if !sel.retryAt.IsZero() && sel.retryAt.Before(wake) {
-			wake = sel.retryAt
-		}
-		changed := p.watch()
+		p.passBy(now, sel.retryAt)
 		p.mu.Unlock()
-		if timer == nil {
-			timer = time.NewTimer(wake.Sub(now))
-		} else {
-			timer.Reset(wake.Sub(now))
-		}
 		select {
 		case <-ctx.Done():
 			p.mu.Lock()
-			p.dequeue(req.Model, w)
+			leave()
 			p.mu.Unlock()
 			return nil, api.Errorf(499, api.CodeBadRequest, "request canceled while waiting")
-		case <-changed:
+		case <-w.wake:
 		case <-timer.C:
 		}
 		p.mu.Lock()
 		now = p.now()
 		if p.closing {
-			p.dequeue(req.Model, w)
+			leave()
 			p.mu.Unlock()
 			return nil, errShuttingDown
 		}
 	}
-}
-
-// heldAhead reports whether bucket b is held for a request waiting ahead
-// of w (of every waiter, when w is nil) for model: one that would be
-// granted on b now, or one that waits for b (its soonest bucket) and
-// would be granted on it within its wait, but later if a grant of tokens
-// were made on b now. Without the second, a large request would wait for
-// ever behind a stream of small ones, each fitting in what the window
-// frees before the large one does. Callers hold mu.
-func (p *pool) heldAhead(now time.Time, model string, w *waiter, b *limiter.Bucket, tokens int64) bool {
-	for _, x := range p.queues[model] {
-		if x == w {
-			return false
-		}
-		xs := p.choose(now, model, x.req.WorkloadType, x.tokens)
-		if xs.bucket == b {
-			return true
-		}
-		if xs.key != nil || xs.soonest != b || xs.soonestAt.After(x.deadline) {
-			continue
-		}
-		// delayTolerance absorbs CheckBehind's computed pacer wait, which
-		// may be a nanosecond off Check's.
-		const delayTolerance = time.Microsecond
-		if d := b.CheckBehind(now, x.tokens, tokens); d.Never || now.Add(d.Wait).After(xs.soonestAt.Add(delayTolerance)) {
-			return true
-		}
-	}
-	return false
 }
 
 func joinWhy(why []string) string {
@@ -174,24 +140,6 @@ func joinWhy(why []string) string {
 		s += w
 	}
 	return s
-}
-
-// dequeue removes w from its model's queue and wakes the others, since
-// the head may have changed. Callers hold mu.
-func (p *pool) dequeue(model string, w *waiter) {
-	q := p.queues[model]
-	for i, x := range q {
-		if x == w {
-			q = append(q[:i:i], q[i+1:]...)
-			break
-		}
-	}
-	if len(q) == 0 {
-		delete(p.queues, model)
-	} else {
-		p.queues[model] = q
-	}
-	p.kick()
 }
 
 // grant records a grant on sel, hands the batch to the store in order,

@@ -60,14 +60,16 @@ type pool struct {
 	buckets  map[config.BucketID]*limiter.Bucket // of cfg
 	retired  map[config.BucketID]*limiter.Bucket // buckets no longer in cfg
 	learned  map[config.BucketID]learnedLimits   // limits Gemini reported lower than cfg's (learned.go)
-	leases   map[string]*leaseState              // unreported leases: open, or lapsed and reportable
-	expiries leaseHeap                           // open leases by expiry
-	lapsed   []*leaseState                       // leases that expired unreported, by expiry; see expire
-	reported reportedLeases                      // the answers of the reports of the last reportRetention
-	queues   map[string][]*waiter                // FIFO of waiting lease requests per model
-	changed  chan struct{}                       // closed and replaced when capacity may have freed
-	watched  bool                                // some waiter holds changed: kick must close it
-	closing  bool
+	// decisions is choose's scratch map, empty between calls.
+	decisions map[config.BucketID]bucketCheck
+	leases    map[string]*leaseState // unreported leases: open, or lapsed and reportable
+	expiries  leaseHeap              // open leases by expiry
+	lapsed    []*leaseState          // leases that expired unreported, by expiry; see expire
+	reported  reportedLeases         // the answers of the reports of the last reportRetention
+	queues    map[string][]*waiter   // FIFO of waiting lease requests per model (queue.go)
+	timer     *time.Timer            // runs a dispatch pass when a waiter's bucket frees; nil until needed
+	timerAt   time.Time              // when timer fires; zero when stopped
+	closing   bool
 
 	// access is cfg.Access, readable without mu: every request checks
 	// it, and taking mu for it would double the lock traffic of a lease.
@@ -95,13 +97,6 @@ type leaseState struct {
 	bid    config.BucketID
 	open   bool // granted, not reported, not expired
 	hidx   int  // index in pool.expiries, -1 when not there
-}
-
-// waiter is a lease request waiting in its model's queue.
-type waiter struct {
-	req      *api.LeaseRequest
-	tokens   int64
-	deadline time.Time // when it stops waiting
 }
 
 // leaseHeap orders open leases by expiry.
@@ -136,7 +131,6 @@ func newPool(st store.Store, now func() time.Time, log *slog.Logger) *pool {
 		learned: map[config.BucketID]learnedLimits{},
 		leases:  map[string]*leaseState{},
 		queues:  map[string][]*waiter{},
-		changed: make(chan struct{}),
 	}
 }
 
@@ -146,25 +140,6 @@ func secretHash(s string) string {
 	}
 	h := sha256.Sum256([]byte(s))
 	return hex.EncodeToString(h[:8])
-}
-
-// kick wakes every waiter: capacity may have freed. Callers hold mu.
-// When no waiter took the current channel since the last kick, closing it
-// would wake nobody, so it is kept: a grant or report with nobody waiting
-// (the common case) then costs no channel.
-func (p *pool) kick() {
-	if !p.watched {
-		return
-	}
-	close(p.changed)
-	p.changed = make(chan struct{})
-	p.watched = false
-}
-
-// watch returns the channel that the next kick closes. Callers hold mu.
-func (p *pool) watch() <-chan struct{} {
-	p.watched = true
-	return p.changed
 }
 
 // apply installs cfg as the configuration in effect, keeping the state of
@@ -427,10 +402,12 @@ type selection struct {
 // still give it up (their wait ends, or they are canceled).
 const heldRetry = time.Second
 
-// choose picks the key for a request, or says why none can serve it now.
-// The buckets in held are not used: their free capacity is held for
-// requests waiting ahead (see lease). Callers hold mu.
-func (p *pool) choose(now time.Time, model, workload string, tokens int64, held ...*limiter.Bucket) selection {
+// choose picks the key for a request, or says why none can serve it now
+// (sel.why; left empty when quiet, for the passes over waiting requests
+// that need only the choice). The buckets in held are not used: their
+// free capacity is held for requests waiting ahead (see queue.go).
+// Callers hold mu.
+func (p *pool) choose(now time.Time, model, workload string, tokens int64, quiet bool, held ...*limiter.Bucket) selection {
 	var sel selection
 	keys, ok := p.byModel[model]
 	if !ok {
@@ -439,7 +416,17 @@ func (p *pool) choose(now time.Time, model, workload string, tokens int64, held 
 	var best candidate // best.ks is nil until a candidate is found
 	// decisions holds each bucket's Check and, once needed, its remaining
 	// share: keys sharing a bucket share them.
-	decisions := map[config.BucketID]bucketCheck{}
+	decisions := p.decisions
+	if decisions == nil {
+		decisions = map[config.BucketID]bucketCheck{}
+		p.decisions = decisions
+	}
+	defer clear(decisions)
+	why := func(reason func() string) {
+		if !quiet {
+			sel.why = append(sel.why, reason())
+		}
+	}
 	fits, matches := false, false
 	for _, ks := range keys {
 		k := ks.key
@@ -449,13 +436,13 @@ func (p *pool) choose(now time.Time, model, workload string, tokens int64, held 
 		matches = true
 		switch {
 		case !k.Enabled:
-			sel.why = append(sel.why, k.ID+": enabled is false in keys.json")
+			why(func() string { return k.ID + ": enabled is false in keys.json" })
 			continue
 		case k.Secret == "":
-			sel.why = append(sel.why, k.ID+": no secret")
+			why(func() string { return k.ID + ": no secret" })
 			continue
 		case ks.disabled != nil:
-			sel.why = append(sel.why, k.ID+": disabled: "+ks.disabled.Reason)
+			why(func() string { return k.ID + ": disabled: " + ks.disabled.Reason })
 			continue
 		}
 		bid := config.BucketID{Project: k.Project, Model: model}
@@ -470,7 +457,7 @@ func (p *pool) choose(now time.Time, model, workload string, tokens int64, held 
 		}
 		d := bc.d
 		if !d.OK {
-			sel.why = append(sel.why, k.ID+": "+d.Reason)
+			why(func() string { return k.ID + ": " + d.Reason })
 			if !d.Never {
 				at := now.Add(d.Wait)
 				sel.retryAt = earliest(sel.retryAt, at)
@@ -481,12 +468,12 @@ func (p *pool) choose(now time.Time, model, workload string, tokens int64, held 
 			continue
 		}
 		if slices.Contains(held, b) {
-			sel.why = append(sel.why, k.ID+": its free capacity is held for earlier requests waiting for it")
+			why(func() string { return k.ID + ": its free capacity is held for earlier requests waiting for it" })
 			sel.retryAt = earliest(sel.retryAt, now.Add(heldRetry))
 			continue
 		}
 		if k.MaxInFlight > 0 && ks.inFlight >= k.MaxInFlight {
-			sel.why = append(sel.why, fmt.Sprintf("%s: max_in_flight %d reached", k.ID, k.MaxInFlight))
+			why(func() string { return fmt.Sprintf("%s: max_in_flight %d reached", k.ID, k.MaxInFlight) })
 			for ls := range ks.open {
 				sel.retryAt = earliest(sel.retryAt, ls.rec.ExpiresAt)
 			}

@@ -46,7 +46,7 @@ func (m *memStore) Prune(time.Time, time.Time, time.Time) error { return nil }
 func (m *memStore) Close() error                                { return nil }
 
 // testConfig parses keys.json text with every key's secret set to "AIzaTEST-<key_id>".
-func testConfig(t *testing.T, keysJSON string) *config.Config {
+func testConfig(t testing.TB, keysJSON string) *config.Config {
 	t.Helper()
 	dir := t.TempDir()
 	path := filepath.Join(dir, "keys.json")
@@ -68,7 +68,7 @@ func testConfig(t *testing.T, keysJSON string) *config.Config {
 	return cfg
 }
 
-func testPool(t *testing.T, st store.Store, keysJSON string) *pool {
+func testPool(t testing.TB, st store.Store, keysJSON string) *pool {
 	t.Helper()
 	p := newPool(st, time.Now, slog.New(slog.NewTextHandler(io.Discard, nil)))
 	p.mu.Lock()
@@ -780,6 +780,47 @@ func TestHeldBucketOnlyWhenItDelaysAWaiter(t *testing.T) {
 		}
 		if err := <-yDone; err == nil || err.Code != api.CodeNoCapacity || time.Since(t0) != 106*time.Second {
 			t.Fatalf("y: %v at %v, want no_capacity at 1m46s", err, time.Since(t0))
+		}
+	})
+}
+
+// TestWaitersBehindAnotherWorkloadAreWoken: a pass over the queue goes on
+// past a request that cannot be granted, so a waiter behind it is granted
+// the moment its own key frees, and each waiter of a key that frees is
+// granted in turn, without polling (the clock only moves when every
+// goroutine waits, so a poll would show as a grant at the wrong time).
+func TestWaitersBehindAnotherWorkloadAreWoken(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		p := testPool(t, &memStore{}, `{"keys":[
+			{"key_id":"light","model_name":"m","rpm":1,"tpm":100000,"workload_type":"light"},
+			{"key_id":"heavy","model_name":"m","rpm":1,"tpm":100000,"workload_type":"heavy"}]}`)
+		t0 := time.Now()
+		mustLease(t, p, api.LeaseRequest{Model: "m", WorkloadType: "light"})
+		time.Sleep(30 * time.Second)
+		mustLease(t, p, api.LeaseRequest{Model: "m", WorkloadType: "heavy"})
+		// light frees at 1m, heavy at 1m30s; each heavy waiter is queued
+		// ahead of a light one.
+		type got struct {
+			who string
+			at  time.Duration
+		}
+		results := make(chan got, 4)
+		for _, who := range []string{"heavy", "light", "heavy", "light"} {
+			go func() {
+				l := mustLease(t, p, api.LeaseRequest{Model: "m", WorkloadType: who, WaitMS: 300_000})
+				results <- got{l.KeyID, time.Since(t0)}
+			}()
+			synctest.Wait() // queued in this order
+		}
+		var order []got
+		for range 4 {
+			order = append(order, <-results)
+		}
+		want := []got{{"light", time.Minute}, {"heavy", 90 * time.Second}, {"light", 2 * time.Minute}, {"heavy", 150 * time.Second}}
+		for i := range want {
+			if order[i] != want[i] {
+				t.Fatalf("grants %v, want %v", order, want)
+			}
 		}
 	})
 }
