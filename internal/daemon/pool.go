@@ -56,20 +56,19 @@ type pool struct {
 	lastErr  string // last failed (re)load
 	keys     map[string]*keyState
 	order    []*keyState                         // keys of cfg, in file order
-	byModel  map[string][]*keyState              // keys of cfg serving each model
+	byModel  map[string][]modelKey               // keys of cfg serving each model, with their buckets
 	buckets  map[config.BucketID]*limiter.Bucket // of cfg
 	retired  map[config.BucketID]*limiter.Bucket // buckets no longer in cfg
 	learned  map[config.BucketID]learnedLimits   // limits Gemini reported lower than cfg's (learned.go)
-	// decisions is choose's scratch map, empty between calls.
-	decisions map[config.BucketID]bucketCheck
-	leases    map[string]*leaseState // unreported leases: open, or lapsed and reportable
-	expiries  leaseHeap              // open leases by expiry
-	lapsed    []*leaseState          // leases that expired unreported, by expiry; see expire
-	reported  reportedLeases         // the answers of the reports of the last reportRetention
-	queues    map[string][]*waiter   // FIFO of waiting lease requests per model (queue.go)
-	timer     *time.Timer            // runs a dispatch pass when a waiter's bucket frees; nil until needed
-	timerAt   time.Time              // when timer fires; zero when stopped
-	closing   bool
+	stamp    uint64                              // choose's current call, see bucketSlot
+	leases   map[string]*leaseState              // unreported leases: open, or lapsed and reportable
+	expiries leaseHeap                           // open leases by expiry
+	lapsed   []*leaseState                       // leases that expired unreported, by expiry; see expire
+	reported reportedLeases                      // the answers of the reports of the last reportRetention
+	queues   map[string][]*waiter                // FIFO of waiting lease requests per model (queue.go)
+	timer    *time.Timer                         // runs a dispatch pass when a waiter's bucket frees; nil until needed
+	timerAt  time.Time                           // when timer fires; zero when stopped
+	closing  bool
 
 	// access is cfg.Access, readable without mu: every request checks
 	// it, and taking mu for it would double the lock traffic of a lease.
@@ -150,7 +149,7 @@ func (p *pool) apply(cfg *config.Config, now time.Time, batch *store.Batch) {
 	p.access.Store(&cfg.Access)
 	seen := map[string]bool{}
 	p.order = p.order[:0]
-	p.byModel = map[string][]*keyState{}
+	p.byModel = map[string][]modelKey{}
 	for _, k := range cfg.Keys {
 		ks := p.keys[k.ID]
 		if ks == nil {
@@ -165,9 +164,6 @@ func (p *pool) apply(cfg *config.Config, now time.Time, batch *store.Batch) {
 		}
 		seen[k.ID] = true
 		p.order = append(p.order, ks)
-		for m := range k.Models {
-			p.byModel[m] = append(p.byModel[m], ks)
-		}
 	}
 	// A removed key or bucket is kept, out of the configuration, so that
 	// one removed and added back (an edit in two steps) keeps its state.
@@ -200,7 +196,37 @@ func (p *pool) apply(cfg *config.Config, now time.Time, batch *store.Batch) {
 			p.forget(bid, config.Limits{}, "the bucket is no longer in keys.json")
 		}
 	}
+	slots := map[config.BucketID]*bucketSlot{}
+	for _, ks := range p.order {
+		for m := range ks.key.Models {
+			bid := config.BucketID{Project: ks.key.Project, Model: m}
+			slot := slots[bid]
+			if slot == nil {
+				slot = &bucketSlot{b: p.buckets[bid]}
+				slots[bid] = slot
+			}
+			p.byModel[m] = append(p.byModel[m], modelKey{ks: ks, bid: bid, slot: slot})
+		}
+	}
 	p.kick()
+}
+
+// modelKey is a key of the configuration serving one model, with the
+// bucket it draws on for that model.
+type modelKey struct {
+	ks   *keyState
+	bid  config.BucketID
+	slot *bucketSlot
+}
+
+// bucketSlot is a bucket of the configuration, shared by the modelKeys
+// that draw on it, with what the current choose call learned of it: check
+// is valid only while stamp is the pool's stamp (one call; a new call
+// takes a new stamp). It saves choose a map per call. Guarded by mu.
+type bucketSlot struct {
+	b     *limiter.Bucket
+	stamp uint64
+	check bucketCheck
 }
 
 // secretChanged reports whether d, an upstream verdict on key k, was about
@@ -414,22 +440,18 @@ func (p *pool) choose(now time.Time, model, workload string, tokens int64, quiet
 		return selection{err: unknownModel(model, p.cfg.Models())}
 	}
 	var best candidate // best.ks is nil until a candidate is found
-	// decisions holds each bucket's Check and, once needed, its remaining
-	// share: keys sharing a bucket share them.
-	decisions := p.decisions
-	if decisions == nil {
-		decisions = map[config.BucketID]bucketCheck{}
-		p.decisions = decisions
-	}
-	defer clear(decisions)
+	// Each bucket's slot holds its Check and, once needed, its remaining
+	// share for this call: keys sharing a bucket share them.
+	p.stamp++
+	checked := false
 	why := func(reason func() string) {
 		if !quiet {
 			sel.why = append(sel.why, reason())
 		}
 	}
 	fits, matches := false, false
-	for _, ks := range keys {
-		k := ks.key
+	for _, mk := range keys {
+		ks, k := mk.ks, mk.ks.key
 		if workload != "" && k.WorkloadType != workload {
 			continue
 		}
@@ -445,16 +467,16 @@ func (p *pool) choose(now time.Time, model, workload string, tokens int64, quiet
 			why(func() string { return k.ID + ": disabled: " + ks.disabled.Reason })
 			continue
 		}
-		bid := config.BucketID{Project: k.Project, Model: model}
-		b := p.buckets[bid]
+		bid, slot := mk.bid, mk.slot
+		b := slot.b
 		if tokens <= b.Limits().TPM {
 			fits = true
 		}
-		bc, seen := decisions[bid]
-		if !seen {
-			bc = bucketCheck{d: b.Check(now, tokens)}
-			decisions[bid] = bc
+		if slot.stamp != p.stamp {
+			slot.stamp, slot.check = p.stamp, bucketCheck{d: b.Check(now, tokens)}
+			checked = true
 		}
+		bc := &slot.check
 		d := bc.d
 		if !d.OK {
 			why(func() string { return k.ID + ": " + d.Reason })
@@ -481,7 +503,6 @@ func (p *pool) choose(now time.Time, model, workload string, tokens int64, quiet
 		}
 		if !bc.counted {
 			bc.remain, bc.counted = remaining(b, now), true
-			decisions[bid] = bc
 		}
 		c := candidate{ks: ks, bid: bid, b: b, remain: bc.remain}
 		if best.ks == nil || better(&c, &best) {
@@ -494,7 +515,7 @@ func (p *pool) choose(now time.Time, model, workload string, tokens int64, quiet
 	case !matches:
 		sel.err = api.Errorf(http.StatusServiceUnavailable, api.CodeNoKeys,
 			"no key of workload_type %q serves model %s (workload types: %s)", workload, model, strings.Join(workloads(keys), ", "))
-	case !fits && len(decisions) > 0:
+	case !fits && checked:
 		sel.err = api.Errorf(http.StatusUnprocessableEntity, api.CodeTokensExceedTPM,
 			"a request of %d tokens exceeds the tpm limit of every bucket serving %s: it could never be sent; split it", tokens, model)
 	case sel.retryAt.IsZero():
@@ -548,10 +569,10 @@ func earliest(a, b time.Time) time.Time {
 	return a
 }
 
-func workloads(keys []*keyState) []string {
+func workloads(keys []modelKey) []string {
 	var out []string
-	for _, ks := range keys {
-		if w := ks.key.WorkloadType; w != "" && !slices.Contains(out, w) {
+	for _, mk := range keys {
+		if w := mk.ks.key.WorkloadType; w != "" && !slices.Contains(out, w) {
 			out = append(out, w)
 		}
 	}
