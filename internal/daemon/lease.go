@@ -64,7 +64,7 @@ func (p *pool) lease(ctx context.Context, req *api.LeaseRequest) (_ *api.Lease, 
 	leave := func() {
 		if w != nil {
 			p.dequeue(req.Model, w)
-			p.kick()
+			p.kickModels(req.Model)
 		}
 	}
 	for {
@@ -175,7 +175,7 @@ func (p *pool) grant(ctx context.Context, now time.Time, req *api.LeaseRequest, 
 	pending := p.st.Submit(&g.batch)
 	lease := &api.Lease{LeaseID: id, KeyID: k.ID, Project: k.Project, Model: req.Model,
 		Secret: k.Secret, Tokens: tokens, ExpiresAt: ls.rec.ExpiresAt}
-	p.kick() // the queue's head changed
+	p.kickModels(req.Model) // the queue's head changed
 	p.mu.Unlock()
 	// The wait is not canceled with the request: the grant is recorded
 	// either way, and an answer that it failed must be true.
@@ -185,7 +185,7 @@ func (p *pool) grant(ctx context.Context, now time.Time, req *api.LeaseRequest, 
 		b.Refund(p.now(), id, now)
 		p.closeLease(ls)
 		delete(p.leases, id)
-		p.kick()
+		p.kickKey(ls.key)
 		p.mu.Unlock()
 		return nil, api.Errorf(http.StatusInternalServerError, api.CodeInternal, "recording the lease failed: %v", err)
 	}
@@ -287,7 +287,7 @@ func (p *pool) report(ctx context.Context, id string, rep *api.ReportRequest) (*
 	batch.Leases = append(batch.Leases, *r)
 	batch.Usage = append(batch.Usage, usage)
 	pending := p.st.Submit(batch)
-	p.kick()
+	p.kickKey(ls.key) // its bucket, slot, penalties or learned limits changed
 	resp := &api.ReportResponse{LeaseID: id, KeyID: r.KeyID, Classification: class, Action: action}
 	p.mu.Unlock()
 	if err := pending.Wait(context.Background()); err != nil { // not canceled with the request, as in grant

@@ -478,14 +478,29 @@ func (p *pool) choose(now time.Time, model, workload string, tokens int64, quiet
 		}
 		bc := &slot.check
 		d := bc.d
+		// keyFree is when the key has a slot again, while max_in_flight
+		// holds it (zero otherwise): its first open lease's expiry.
+		var keyFree time.Time
+		if k.MaxInFlight > 0 && ks.inFlight >= k.MaxInFlight {
+			for ls := range ks.open {
+				keyFree = earliest(keyFree, ls.rec.ExpiresAt)
+			}
+		}
+		// waitsFor notes that the key can serve the request at `at` on b.
+		waitsFor := func(at time.Time) {
+			sel.retryAt = earliest(sel.retryAt, at)
+			if sel.soonest == nil || at.Before(sel.soonestAt) {
+				sel.soonest, sel.soonestAt = b, at
+			}
+		}
 		if !d.OK {
 			why(func() string { return k.ID + ": " + d.Reason })
 			if !d.Never {
 				at := now.Add(d.Wait)
-				sel.retryAt = earliest(sel.retryAt, at)
-				if sel.soonest == nil || at.Before(sel.soonestAt) {
-					sel.soonest, sel.soonestAt = b, at
+				if keyFree.After(at) {
+					at = keyFree
 				}
+				waitsFor(at)
 			}
 			continue
 		}
@@ -494,11 +509,9 @@ func (p *pool) choose(now time.Time, model, workload string, tokens int64, quiet
 			sel.retryAt = earliest(sel.retryAt, now.Add(heldRetry))
 			continue
 		}
-		if k.MaxInFlight > 0 && ks.inFlight >= k.MaxInFlight {
+		if !keyFree.IsZero() {
 			why(func() string { return fmt.Sprintf("%s: max_in_flight %d reached", k.ID, k.MaxInFlight) })
-			for ls := range ks.open {
-				sel.retryAt = earliest(sel.retryAt, ls.rec.ExpiresAt)
-			}
+			waitsFor(keyFree)
 			continue
 		}
 		if !bc.counted {

@@ -132,28 +132,83 @@ func (p *pool) chooseInTurn(now time.Time, model string, w *waiter, workload str
 	return p.inTurn(now, model, workload, tokens, &t, false)
 }
 
-// kick runs a dispatch pass: capacity may have freed, or a queue changed.
-// With no waiter (the common case) it costs nothing. Callers hold mu.
+// kick runs a dispatch pass over every queue: capacity may have freed,
+// or the configuration or a key changed. With no waiter (the common case)
+// it costs nothing. Callers hold mu.
 func (p *pool) kick() {
 	if len(p.queues) == 0 {
 		p.setTimer(time.Time{}, time.Time{})
 		return
 	}
+	if p.closing {
+		// Every waiter leaves with shutting_down; a pass per leaver
+		// would cost the square of the waiters.
+		for _, q := range p.queues {
+			for _, x := range q {
+				x.signal()
+			}
+		}
+		p.setTimer(time.Time{}, time.Time{})
+		return
+	}
 	now := p.now()
 	var next time.Time
-	for model, q := range p.queues {
-		var t turn
-		for _, x := range q {
-			sel := p.inTurn(now, model, x.req.WorkloadType, x.tokens, &t, true)
-			if sel.key != nil || sel.err != nil || p.closing {
-				x.signal()
-			} else {
-				next = earliest(next, sel.retryAt)
-			}
-			t.add(x, sel)
-		}
+	for model := range p.queues {
+		next = earliest(next, p.pass(now, model))
 	}
 	p.setTimer(now, next)
+}
+
+// kickModels runs the dispatch pass of the given models' queues only: a
+// grant, report or leaver changes the buckets of one model and the slot
+// of one key, which may serve several models. Callers hold mu.
+func (p *pool) kickModels(models ...string) {
+	if len(p.queues) == 0 || p.closing {
+		p.kick()
+		return
+	}
+	now := p.now()
+	for _, m := range models {
+		if _, ok := p.queues[m]; ok {
+			p.passBy(now, p.pass(now, m))
+		}
+	}
+}
+
+// kickKey is kickModels for the models ks serves. Callers hold mu.
+func (p *pool) kickKey(ks *keyState) {
+	if len(p.queues) == 0 {
+		return
+	}
+	if len(ks.key.Models) == 1 {
+		for m := range ks.key.Models {
+			p.kickModels(m)
+		}
+		return
+	}
+	models := make([]string, 0, len(ks.key.Models))
+	for m := range ks.key.Models {
+		models = append(models, m)
+	}
+	p.kickModels(models...)
+}
+
+// pass walks model's queue in order and signals the waiters that can be
+// granted now (or must look again: an error), each holding its bucket
+// from those behind it. It returns when the first bucket a waiter waits
+// for frees (zero: none will by itself). Callers hold mu.
+func (p *pool) pass(now time.Time, model string) (next time.Time) {
+	var t turn
+	for _, x := range p.queues[model] {
+		sel := p.inTurn(now, model, x.req.WorkloadType, x.tokens, &t, true)
+		if sel.key != nil || sel.err != nil {
+			x.signal()
+		} else {
+			next = earliest(next, sel.retryAt)
+		}
+		t.add(x, sel)
+	}
+	return next
 }
 
 // setTimer makes the pool's timer run a pass at `at`, or stops it when at
@@ -176,11 +231,15 @@ func (p *pool) setTimer(now, at time.Time) {
 	p.timer.Reset(at.Sub(now))
 }
 
-// onTimer runs the pass that the timer was set for.
+// onTimer runs the pass that the timer was set for. It expires leases
+// first: a waiter for a key at max_in_flight waits for the key's first
+// open lease to expire, which the janitor would see only up to a second
+// later, and a pass before that would set the timer in the past again.
 func (p *pool) onTimer() {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	p.timerAt = time.Time{}
+	p.expire(p.now())
 	p.kick()
 }
 
