@@ -77,22 +77,8 @@ func BenchmarkLeaseReport(b *testing.B) {
 			d := startDaemonLevel(b, benchKeys, slog.LevelInfo)
 			c := client.New(d.socket)
 			defer c.CloseIdleConnections()
-			ctx := context.Background()
-			rep := api.ReportRequest{Status: 200, Usage: &api.Usage{PromptTokens: 900, OutputTokens: 100}}
-			pair := func() (lease, report time.Duration, err error) {
-				t0 := time.Now()
-				l, err := c.Lease(ctx, api.LeaseRequest{Model: "m", Tokens: 1000, Client: "bench"})
-				if err != nil {
-					return 0, 0, err
-				}
-				t1 := time.Now()
-				if _, err := c.Report(ctx, l.LeaseID, rep); err != nil {
-					return 0, 0, err
-				}
-				return t1.Sub(t0), time.Since(t1), nil
-			}
 			commits := storeCommits(b, d)
-			r := runClients(b, n, pair)
+			r := runClients(b, n, clientPair(c, nil))
 			r.report(b)
 			if c := storeCommits(b, d) - commits; c > 0 {
 				// runClients's warm-up makes n pairs more.
@@ -239,8 +225,6 @@ func BenchmarkLeaseReportTail(b *testing.B) {
 			d := startDaemonWith(b, benchKeys, func(o *Options) { o.LogLevel, o.Store = slog.LevelInfo, v.store })
 			c := client.New(d.socket)
 			defer c.CloseIdleConnections()
-			ctx := context.Background()
-			rep := api.ReportRequest{Status: 200, Usage: &api.Usage{PromptTokens: 900, OutputTokens: 100}}
 			// ends holds each request's end and whether it was slow, in
 			// slots taken in turn: 2 per pair, warm-up pairs included.
 			type end struct {
@@ -254,21 +238,10 @@ func BenchmarkLeaseReportTail(b *testing.B) {
 					ends[i] = end{t1, t1.Sub(t0) > 5*time.Millisecond}
 				}
 			}
-			pair := func() (lease, report time.Duration, err error) {
-				t0 := time.Now()
-				l, err := c.Lease(ctx, api.LeaseRequest{Model: "m", Tokens: 1000, Client: "bench"})
-				if err != nil {
-					return 0, 0, err
-				}
-				t1 := time.Now()
-				if _, err := c.Report(ctx, l.LeaseID, rep); err != nil {
-					return 0, 0, err
-				}
-				t2 := time.Now()
+			pair := clientPair(c, func(t0, t1, t2 time.Time) {
 				record(t0, t1)
 				record(t1, t2)
-				return t1.Sub(t0), t2.Sub(t1), nil
-			}
+			})
 			r := runClients(b, clients, pair)
 			r.report(b)
 			ends = ends[2*clients : min(int(next.Load()), len(ends))] // the run's, not the warm-up's
@@ -305,6 +278,31 @@ func BenchmarkLeaseReportTail(b *testing.B) {
 			b.ReportMetric(100*float64(slow)/float64(len(ends)), "slow-%")
 			b.ReportMetric(100*float64(stalls)/float64(n), "stall-windows-%")
 		})
+	}
+}
+
+// clientPair returns the op of the closed-loop benchmarks: a lease (1,000
+// tokens of model m) then its report (status 200 with usage) through c.
+// observe, when set, sees when the lease was sent, answered, and the
+// report answered.
+func clientPair(c *client.Client, observe func(t0, t1, t2 time.Time)) func() (lease, report time.Duration, err error) {
+	ctx := context.Background()
+	rep := api.ReportRequest{Status: 200, Usage: &api.Usage{PromptTokens: 900, OutputTokens: 100}}
+	return func() (lease, report time.Duration, err error) {
+		t0 := time.Now()
+		l, err := c.Lease(ctx, api.LeaseRequest{Model: "m", Tokens: 1000, Client: "bench"})
+		if err != nil {
+			return 0, 0, err
+		}
+		t1 := time.Now()
+		if _, err := c.Report(ctx, l.LeaseID, rep); err != nil {
+			return 0, 0, err
+		}
+		t2 := time.Now()
+		if observe != nil {
+			observe(t0, t1, t2)
+		}
+		return t1.Sub(t0), t2.Sub(t1), nil
 	}
 }
 
