@@ -121,6 +121,17 @@ type Status struct {
 	Config  ConfigStatus  `json:"config"`
 	Keys    []KeyStatus   `json:"keys"`
 	Buckets []BucketState `json:"buckets"`
+	// Waiting lists, by model, the lease requests waiting for capacity
+	// (wait_ms), when any are; absent when none.
+	Waiting []ModelWaiting `json:"waiting,omitempty"`
+}
+
+// ModelWaiting is the queue of lease requests waiting for one model.
+type ModelWaiting struct {
+	Model    string `json:"model"`
+	Requests int    `json:"requests"`
+	// OldestMS is how long the first request in line has waited.
+	OldestMS int64 `json:"oldest_ms"`
 }
 
 // ConfigStatus describes the configuration in effect.

@@ -217,6 +217,7 @@ func (p *pool) status(version string) *api.Status {
 			Warnings: nonNil(p.cfg.Warnings)},
 		Keys:    []api.KeyStatus{},
 		Buckets: []api.BucketState{},
+		Waiting: p.waiting(now),
 	}
 	inFlight := map[config.BucketID]int{}
 	for _, ks := range p.keys {

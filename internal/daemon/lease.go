@@ -101,7 +101,7 @@ func (p *pool) lease(ctx context.Context, req *api.LeaseRequest) (_ *api.Lease, 
 			return nil, noCapacity(msg, sel.retryAt, now)
 		}
 		if w == nil {
-			w = &waiter{req: req, tokens: tokens, deadline: deadline, wake: make(chan struct{}, 1)}
+			w = &waiter{req: req, tokens: tokens, since: start, deadline: deadline, wake: make(chan struct{}, 1)}
 			p.queues[req.Model] = append(p.queues[req.Model], w)
 			timer = time.NewTimer(deadline.Sub(now))
 		}

@@ -1,6 +1,8 @@
 package daemon
 
 import (
+	"slices"
+	"strings"
 	"time"
 
 	"github.com/keyd/keyd/api"
@@ -41,6 +43,7 @@ import (
 type waiter struct {
 	req      *api.LeaseRequest
 	tokens   int64
+	since    time.Time // when it started waiting
 	deadline time.Time // when it stops waiting
 	// wake (capacity 1) is signaled when a pass finds that the waiter can
 	// be granted now, or that it must look again (an error, shutdown). It
@@ -268,4 +271,15 @@ func (p *pool) dequeue(model string, w *waiter) {
 	} else {
 		p.queues[model] = q
 	}
+}
+
+// waiting summarizes the queues for GET /v1/status, by model name.
+// Callers hold mu.
+func (p *pool) waiting(now time.Time) []api.ModelWaiting {
+	var out []api.ModelWaiting
+	for model, q := range p.queues {
+		out = append(out, api.ModelWaiting{Model: model, Requests: len(q), OldestMS: now.Sub(q[0].since).Milliseconds()})
+	}
+	slices.SortFunc(out, func(a, b api.ModelWaiting) int { return strings.Compare(a.Model, b.Model) })
+	return out
 }

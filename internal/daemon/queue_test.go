@@ -2,6 +2,7 @@ package daemon
 
 import (
 	"context"
+	"slices"
 	"sync"
 	"testing"
 	"testing/synctest"
@@ -96,6 +97,30 @@ func TestNoClaimOnAKeyThatCannotServeInTime(t *testing.T) {
 		}
 		if err := <-done; err == nil || err.Code != api.CodeNoCapacity {
 			t.Fatalf("waiter: %v, want no_capacity", err)
+		}
+	})
+}
+
+// TestStatusShowsWaiting: GET /v1/status lists, by model, how many lease
+// requests wait and how long the first in line has; nothing once none do.
+func TestStatusShowsWaiting(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		p := testPool(t, &memStore{}, oneKey)
+		mustLease(t, p, api.LeaseRequest{Model: "m"})
+		mustLease(t, p, api.LeaseRequest{Model: "m"})
+		var wg sync.WaitGroup
+		for range 3 {
+			wg.Go(func() { mustLease(t, p, api.LeaseRequest{Model: "m", WaitMS: 300_000}) })
+			synctest.Wait()
+			time.Sleep(2 * time.Second)
+		}
+		want := []api.ModelWaiting{{Model: "m", Requests: 3, OldestMS: 6000}}
+		if got := p.status("x").Waiting; !slices.Equal(got, want) {
+			t.Fatalf("waiting %+v, want %+v", got, want)
+		}
+		wg.Wait() // granted as the window frees
+		if got := p.status("x").Waiting; got != nil {
+			t.Fatalf("waiting %+v once all were granted", got)
 		}
 	})
 }

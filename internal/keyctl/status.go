@@ -113,6 +113,19 @@ func (e *env) printTop(w io.Writer, st *api.Status) {
 		}
 	}
 	printWarnings(w, statusWarnings(st))
+	if len(st.Waiting) > 0 {
+		fmt.Fprintf(w, "waiting for capacity: %s\n", waitingLine(st.Waiting))
+	}
+}
+
+// waitingLine says how many lease requests wait for each model, and for
+// how long the first in line has: "gemini-2.5-flash 37 (oldest 12s)".
+func waitingLine(ws []api.ModelWaiting) string {
+	parts := make([]string, 0, len(ws))
+	for _, m := range ws {
+		parts = append(parts, fmt.Sprintf("%s %d (oldest %s)", clean(m.Model), m.Requests, fmtDuration(time.Duration(m.OldestMS)*time.Millisecond)))
+	}
+	return strings.Join(parts, "; ")
 }
 
 // statusWarnings are the config's warnings, then the buckets', in the
@@ -137,6 +150,9 @@ func (e *env) statusTop(w io.Writer, st *api.Status) {
 		clean(cfg.Path), loaded, plural(len(statusWarnings(st)), "warning"))
 	if cfg.LastError != "" {
 		fmt.Fprintf(w, "LAST ERROR (config kept): %s\n", clean(strings.Join(strings.Fields(cfg.LastError), " ")))
+	}
+	if len(st.Waiting) > 0 {
+		fmt.Fprintf(w, "waiting: %s\n", waitingLine(st.Waiting))
 	}
 }
 

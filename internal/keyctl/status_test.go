@@ -211,3 +211,29 @@ func TestWatchWarningCleared(t *testing.T) {
 		t.Errorf("the bucket removed: changes %q\nwant %q", got, want)
 	}
 }
+
+// TestStatusWaiting: the requests waiting for capacity are one line under
+// the warnings, and in keyctl watch's top; absent, nothing is said.
+func TestStatusWaiting(t *testing.T) {
+	var st api.Status
+	if err := json.Unmarshal([]byte(bucketWarningJSON), &st); err != nil {
+		t.Fatal(err)
+	}
+	e := &env{now: func() time.Time { return now }, loc: time.UTC}
+	var top, without strings.Builder
+	e.statusTop(&without, &st)
+	st.Waiting = []api.ModelWaiting{{Model: "gemini-2.5-flash", Requests: 37, OldestMS: 12_300}, {Model: "gemini-2.5-pro", Requests: 1, OldestMS: 400}}
+	e.statusTop(&top, &st)
+	contains(t, "watch top", top.String(), "\nwaiting: gemini-2.5-flash 37 (oldest 13s); gemini-2.5-pro 1 (oldest 1s)\n")
+	if strings.Contains(without.String(), "waiting") {
+		t.Errorf("no waiters, yet: %q", without.String())
+	}
+	body, err := json.Marshal(&st)
+	if err != nil {
+		t.Fatal(err)
+	}
+	f := newFake(t)
+	f.on("GET", "/v1/status", 200, string(body))
+	out := keyctl(t, nil, "", "--socket", f.sock, "status").want(t, 0).stdout
+	contains(t, "status", out, "keys (k1, k2); keyd enforces 20 until then\nwaiting for capacity: gemini-2.5-flash 37 (oldest 13s); gemini-2.5-pro 1 (oldest 1s)\n\nKEYS: 1")
+}
