@@ -18,6 +18,7 @@ import (
 	"os/user"
 	"path/filepath"
 	"strconv"
+	"strings"
 	"sync"
 	"syscall"
 	"time"
@@ -282,6 +283,7 @@ func Run(ctx context.Context, o Options) error {
 	commits := newHistogram(storeCommitBounds)
 	sopts := o.Store
 	sopts.OnCommit = commits.observe
+	sopts.Logf = storeLogf(log)
 	st, err := store.Open(stateDir, sopts)
 	if err != nil {
 		return fmt.Errorf("opening the store: %w", err)
@@ -497,4 +499,19 @@ func openListener(sock string, gid int) (ln net.Listener, activated bool, err er
 func restoreDays(cfg *config.Config, now time.Time) []string {
 	b := limiter.New(limiter.Limits{RPM: 1, TPM: 1}, cfg.DayResetLocation)
 	return []string{b.DayOf(now), b.DayOf(now.Add(-24 * time.Hour))}
+}
+
+// storeLogf passes the store's rare diagnostics to keyd's log: records
+// recovered from the write-ahead log and schema upgrades at info (what a
+// restart after a crash or an upgrade does), everything else (a failed
+// log write or checkpoint, a commit over a second, a pid file) at warn.
+func storeLogf(log *slog.Logger) func(format string, args ...any) {
+	return func(format string, args ...any) {
+		msg := fmt.Sprintf(format, args...)
+		level := slog.LevelWarn
+		if strings.HasPrefix(msg, "store: applied ") || strings.HasPrefix(msg, "store: upgraded ") {
+			level = slog.LevelInfo
+		}
+		log.Log(context.Background(), level, msg)
+	}
 }

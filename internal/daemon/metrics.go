@@ -439,12 +439,13 @@ func checkMetricsListen(addr string) (string, error) {
 // --metrics-listen. The one an operator cannot guess is the sandbox's:
 // keyd.service allows Unix sockets only (RestrictAddressFamilies=AF_UNIX)
 // and gives keyd a network namespace of its own (PrivateNetwork=yes), so
-// creating the TCP socket fails with EAFNOSUPPORT.
+// creating the TCP socket fails with EAFNOSUPPORT; its IPAddressDeny=any
+// would then drop even loopback packets.
 func metricsListenError(addr string, err error) error {
 	if errors.Is(err, syscall.EAFNOSUPPORT) {
 		return fmt.Errorf("--metrics-listen %s: this process may not open TCP sockets (%w): "+
 			"keyd.service allows only Unix sockets (RestrictAddressFamilies=AF_UNIX) and has a network of its own (PrivateNetwork=yes); "+
-			"scrape GET /metrics on the socket instead, or set RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6 and PrivateNetwork=no in a drop-in (systemctl edit keyd)", addr, err)
+			"scrape GET /metrics on the socket instead, or set RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6, PrivateNetwork=no and IPAddressAllow=localhost in a drop-in (systemctl edit keyd)", addr, err)
 	}
 	return fmt.Errorf("--metrics-listen %s: %w", addr, err)
 }

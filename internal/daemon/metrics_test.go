@@ -425,7 +425,7 @@ func TestCheckMetricsListen(t *testing.T) {
 func TestMetricsListenSandboxed(t *testing.T) {
 	denied := &net.OpError{Op: "listen", Net: "tcp", Err: os.NewSyscallError("socket", syscall.EAFNOSUPPORT)}
 	msg := metricsListenError("127.0.0.1:9464", denied).Error()
-	for _, want := range []string{"--metrics-listen 127.0.0.1:9464", "address family not supported", "RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6", "PrivateNetwork=no", "systemctl edit keyd", "GET /metrics on the socket"} {
+	for _, want := range []string{"--metrics-listen 127.0.0.1:9464", "address family not supported", "RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6", "PrivateNetwork=no", "IPAddressAllow=localhost", "systemctl edit keyd", "GET /metrics on the socket"} {
 		if !strings.Contains(msg, want) {
 			t.Errorf("error %q lacks %q", msg, want)
 		}
@@ -579,5 +579,25 @@ func TestRoutesAreSortedAndMatchTheAPI(t *testing.T) {
 	}
 	if fmt.Sprint(routes[0].need) != "read" {
 		t.Errorf("/metrics needs %s, want read", routes[0].need)
+	}
+}
+
+// TestStoreDiagnosticsReachTheLog: the store's diagnostics go to keyd's
+// log, recoveries and upgrades at info, failures at warn.
+func TestStoreDiagnosticsReachTheLog(t *testing.T) {
+	var buf bytes.Buffer
+	logf := storeLogf(slog.New(slog.NewTextHandler(&buf, nil)))
+	logf("store: applied %d write-ahead log records (up to %d) to %s", 3, 9, "/s/keyd.db")
+	logf("store: upgraded %s to schema version %d (store id %x)", "/s/keyd.db", 3, []byte{1})
+	logf("store: %v (retrying in %v; the log keeps the records meanwhile)", errors.New("checkpoint: disk full"), time.Second)
+	want := []string{
+		`level=INFO msg="store: applied 3 write-ahead log records (up to 9) to /s/keyd.db"`,
+		`level=INFO msg="store: upgraded /s/keyd.db to schema version 3 (store id 01)"`,
+		`level=WARN msg="store: checkpoint: disk full (retrying in 1s; the log keeps the records meanwhile)"`,
+	}
+	for _, w := range want {
+		if !strings.Contains(buf.String(), w) {
+			t.Errorf("log lacks %s:\n%s", w, buf.String())
+		}
 	}
 }

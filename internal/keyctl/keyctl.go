@@ -86,7 +86,7 @@ func commands() []*command {
 		reloadCmd,
 		keyActionCmd("disable", "stop leasing a key until it is enabled again"),
 		keyActionCmd("enable", "lift a disable (by an admin, or by keyd after an invalid-key error)"),
-		keyActionCmd("reset", "enable a key and clear its buckets' cooldowns and limits learned from 429s"),
+		keyActionCmd("reset", "enable a key and clear its buckets' penalties (cooldown, exhausted, disabled) and limits learned from 429s"),
 		checkCmd,
 		usageCmd,
 		waitCmd,
