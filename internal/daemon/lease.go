@@ -68,6 +68,9 @@ func (p *pool) lease(ctx context.Context, req *api.LeaseRequest) (_ *api.Lease, 
 		}
 	}
 	for {
+		if p.closeExpired(now) > 0 {
+			p.kick() // slots freed: waiters ahead may go first
+		}
 		// FIFO: the requests ahead hold the buckets they would be granted
 		// now or that they wait for (see queue.go); another bucket may
 		// serve this one meanwhile.

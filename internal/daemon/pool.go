@@ -360,14 +360,7 @@ func (p *pool) closeLease(ls *leaseState) {
 // than reportRetention. It returns the time of the next expiry (zero if
 // none). Callers hold mu.
 func (p *pool) expire(now time.Time) time.Time {
-	n := 0
-	for len(p.expiries) > 0 && !now.Before(p.expiries[0].rec.ExpiresAt) {
-		ls := p.expiries[0]
-		p.closeLease(ls)
-		p.lapsed = append(p.lapsed, ls)
-		p.log.Debug("lease expired unreported; it counts at its estimate", "lease", ls.rec.ID, "key", ls.rec.KeyID, "tokens", ls.rec.Tokens)
-		n++
-	}
+	n := p.closeExpired(now)
 	cut := 0
 	for cut < len(p.lapsed) {
 		ls := p.lapsed[cut]
@@ -393,6 +386,23 @@ func (p *pool) expire(now time.Time) time.Time {
 		return p.expiries[0].rec.ExpiresAt
 	}
 	return time.Time{}
+}
+
+// closeExpired closes the open leases whose expires_at has come, so that
+// they no longer hold a max_in_flight slot, and returns how many it
+// closed. Without waiters to tell, it costs a look at the heap's top, so
+// lease calls it first: the janitor's expire comes up to a second late.
+// Callers hold mu.
+func (p *pool) closeExpired(now time.Time) int {
+	n := 0
+	for len(p.expiries) > 0 && !now.Before(p.expiries[0].rec.ExpiresAt) {
+		ls := p.expiries[0]
+		p.closeLease(ls)
+		p.lapsed = append(p.lapsed, ls)
+		p.log.Debug("lease expired unreported; it counts at its estimate", "lease", ls.rec.ID, "key", ls.rec.KeyID, "tokens", ls.rec.Tokens)
+		n++
+	}
+	return n
 }
 
 // grantErr is a refusal of a lease request.

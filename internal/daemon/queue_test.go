@@ -124,3 +124,17 @@ func TestStatusShowsWaiting(t *testing.T) {
 		}
 	})
 }
+
+// TestExpiredLeaseFreesItsSlotAtOnce: at a lease's expires_at its
+// max_in_flight slot is free for a request that does not wait, without
+// the janitor (which no test pool runs).
+func TestExpiredLeaseFreesItsSlotAtOnce(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		p := testPool(t, &memStore{}, `{"lease_ttl":"1m","keys":[{"key_id":"k1","model_name":"m","rpm":100,"tpm":100000,"max_in_flight":1}]}`)
+		mustLease(t, p, api.LeaseRequest{Model: "m"})
+		time.Sleep(time.Minute - time.Nanosecond)
+		leaseErr(t, p, api.LeaseRequest{Model: "m"})
+		time.Sleep(time.Nanosecond)
+		mustLease(t, p, api.LeaseRequest{Model: "m"})
+	})
+}
