@@ -73,9 +73,9 @@ func (p *pool) lease(ctx context.Context, req *api.LeaseRequest) (_ *api.Lease, 
 		}
 		// FIFO: the requests ahead hold the buckets they would be granted
 		// now or that they wait for (see queue.go); another bucket may
-		// serve this one meanwhile.
-		// The queue can only hold capacity back, so when no bucket could
-		// serve the request even alone, the requests ahead need no look.
+		// serve this one meanwhile. They can only hold capacity back, so
+		// when no bucket could serve this request even alone, or nobody
+		// is ahead, they need no look.
 		sel := p.choose(now, req.Model, req.WorkloadType, tokens, false)
 		if sel.key != nil && len(p.queues[req.Model]) > 0 && (w == nil || p.queues[req.Model][0] != w) {
 			sel = p.chooseInTurn(now, req.Model, w, req.WorkloadType, tokens)

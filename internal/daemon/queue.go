@@ -26,17 +26,17 @@ import (
 // A request that no request ahead holds back (another workload_type,
 // another bucket, a grant that delays no one) is granted at once.
 //
-// Waiters do not poll. Whenever capacity may have freed or the queue has
+// Waiters do not poll. Whenever capacity may have freed or a queue has
 // changed (a grant, report, refund, expiry, reload, key action, a waiter
-// leaving) the pool runs a dispatch pass under mu: one walk of each queue
-// in order that wakes the waiters that can be granted now, each holding
-// its bucket from the waiters behind it for the rest of the pass. When
-// nothing changes but time, the pool's timer runs the pass when the first
-// bucket a waiter waits for frees. A pass costs one choose per waiter,
-// and wakes at most one waiter per bucket: the grant it makes runs the
-// next pass. (Before, every change woke every waiter, and each compared
-// itself with every waiter ahead: a thousand waiters cost half a million
-// choices per change.)
+// leaving) the pool runs a dispatch pass under mu: one walk, in order, of
+// the queue of each model the change concerns, that wakes the waiters
+// that can be granted now, each holding its bucket from the waiters
+// behind it for the rest of the walk. When nothing changes but time, the
+// pool's timer runs the pass when the first bucket or key a waiter waits
+// for frees. A pass costs one choose per waiter and wakes at most one
+// waiter per bucket: the grant it makes runs the next pass. Waking every
+// waiter on every change instead, each comparing itself with those ahead,
+// costs the square of the waiters.
 
 // waiter is a lease request waiting in its model's queue. Its fields are
 // guarded by the pool's mu, except wake.
