@@ -52,9 +52,12 @@ bench: bench-lease bench-sim bench-redis bench-scale
 
 # The numbers of docs/benchmarks.md: lease+report pairs at 1, 8 and 64
 # clients (closed loop), at fixed rates from 64 clients (open loop), and
-# the HTTP floor beside them, $(BENCHCOUNT) runs of each.
+# the HTTP floor beside them; then the 64-client tail (with fewer
+# collections, without checkpoints, with clients that cost nothing) and
+# the cost of waiting requests; $(BENCHCOUNT) runs of each.
 bench-lease:
 	$(GO) test -run='^$$' -bench='^Benchmark(LeaseReport|LeaseReportAtRate|Health)$$' -benchtime=$(BENCHTIME) -count=$(BENCHCOUNT) ./internal/daemon/
+	$(GO) test -run='^$$' -bench='^Benchmark(LeaseReportTail|LeaseReportMinimalClient|Waiters)$$' -benchtime=$(BENCHTIME) -count=$(BENCHCOUNT) ./internal/daemon/
 
 .PHONY: bench-redis bench-scale
 
