@@ -47,10 +47,10 @@ func (p *pool) keyAction(ctx context.Context, keyID, action string, who string) 
 				bid := config.BucketID{Project: ks.key.Project, Model: m}
 				if b := p.buckets[bid]; b != nil {
 					b.Clear()
-					putBucket(batch, bid, b.Penalty(now))
 					if _, ok := p.learned[bid]; ok {
 						b.SetLimits(p.forget(bid, p.cfg.Buckets[bid], "a key of the bucket was reset", "key", keyID, "by", who), now)
 					}
+					p.putBucket(batch, bid, b.Penalty(now))
 				}
 			}
 		}

@@ -1,8 +1,10 @@
 package daemon
 
 import (
+	"cmp"
 	"fmt"
 	"maps"
+	"slices"
 	"strconv"
 	"strings"
 	"time"
@@ -10,6 +12,7 @@ import (
 	"github.com/keyd/keyd/internal/config"
 	"github.com/keyd/keyd/internal/gemini"
 	"github.com/keyd/keyd/internal/limiter"
+	"github.com/keyd/keyd/internal/store"
 )
 
 // Limits Gemini reports lower than keys.json's.
@@ -40,9 +43,10 @@ import (
 // Gemini's next 429 teaches keyd again if it is still too high), when an
 // admin resets a key of the bucket (keyctl reset: the way out after a
 // tier upgrade, which no 429 announces while keyd keeps to the lower
-// value), when a reload removes the bucket, and when keyd restarts: they
-// are kept in memory only, and the first 429 after a restart teaches them
-// again. A reload that leaves the limit as it was keeps them.
+// value), and when a reload removes the bucket. A reload that leaves the
+// limit as it was keeps them. They are durable, in the bucket's store
+// record (putBucket), so a restart keeps them, unless keys.json's limit
+// changed while keyd was stopped (restoreLearned), as for a reload.
 //
 // A quotaValue of 0 is not learned here: the report's quota_zero verdict
 // disables the bucket.
@@ -132,6 +136,9 @@ func (p *pool) setLearned(bid config.BucketID, ll learnedLimits) []bindingChange
 		delete(p.learned, bid)
 	} else {
 		p.learned[bid] = ll
+	}
+	if !maps.Equal(old, ll) {
+		p.learnedDirty[bid] = true
 	}
 	var out []bindingChange
 	for _, dim := range dimensions {
@@ -341,4 +348,55 @@ func limitText(n int64) string {
 		return "none"
 	}
 	return strconv.FormatInt(n, 10)
+}
+
+// learnedRecord is the durable form of bucket bid's learned limits, in
+// dimension order, then by quota id; nil when it has none. Callers hold
+// mu.
+func (p *pool) learnedRecord(bid config.BucketID) []store.LearnedLimit {
+	ll := p.learned[bid]
+	if len(ll) == 0 {
+		return nil
+	}
+	out := make([]store.LearnedLimit, 0, len(ll))
+	for k, x := range ll {
+		out = append(out, store.LearnedLimit{Limit: k.dim, Quota: k.quotaID, Value: x.value, Configured: x.configured})
+	}
+	slices.SortFunc(out, func(a, b store.LearnedLimit) int {
+		return cmp.Or(cmp.Compare(slices.Index(dimensions, a.Limit), slices.Index(dimensions, b.Limit)), strings.Compare(a.Quota, b.Quota))
+	})
+	return out
+}
+
+// restoreLearned brings back, at start, the learned limits of bucket bid
+// (b) from its record: each one whose keys.json limit is still the one it
+// was learned under (a restart under another value forgets it, as a
+// reload does). It enforces them, logs the warning of each that binds as
+// when it was learned, and adds the record to batch again if it dropped
+// any. Callers hold mu.
+func (p *pool) restoreLearned(bid config.BucketID, b *limiter.Bucket, recs []store.LearnedLimit, now time.Time, batch *store.Batch) {
+	if len(recs) == 0 {
+		return
+	}
+	l, configured := p.cfg.Buckets[bid]
+	ll := learnedLimits{}
+	for _, r := range recs {
+		if configured && slices.Contains(dimensions, r.Limit) && r.Value > 0 &&
+			configuredLimit(l, r.Limit) == r.Configured && lowerThan(r.Value, r.Configured) {
+			ll[quotaKey{dim: r.Limit, quotaID: r.Quota}] = learnedLimit{quotaID: r.Quota, value: r.Value, configured: r.Configured}
+		}
+	}
+	for _, c := range p.setLearned(bid, ll) {
+		p.logChange(bid, c, "", 0)
+	}
+	if len(ll) < len(recs) {
+		p.log.Info("learned limits forgotten at start: keys.json changed them, or the bucket is gone", "bucket", bid.String(),
+			"kept", len(ll), "forgotten", len(recs)-len(ll))
+		p.putBucket(batch, bid, b.Penalty(now))
+	} else {
+		delete(p.learnedDirty, bid)
+	}
+	if configured {
+		b.SetLimits(effectiveLimits(l, ll), now)
+	}
 }

@@ -525,3 +525,74 @@ func TestLearnedLimitsOfARemovedBucket(t *testing.T) {
 	reload(freeTier)
 	checkRPM(t, p, "p1 added back", 10)
 }
+
+// TestLearnedLimitsSurviveARestart: learned limits are in the store, with
+// the bucket's record, so a restart keeps enforcing and warning about
+// them (logged again at start); a restart under another keys.json value
+// forgets them for good, as a reload does; and so does keyctl reset.
+func TestLearnedLimitsSurviveARestart(t *testing.T) {
+	dir := t.TempDir()
+	clock := time.Date(2026, 11, 29, 12, 0, 0, 0, time.UTC)
+	var st *store.DB
+	start := func(keysJSON string) (*pool, *testutil.SyncBuffer) {
+		t.Helper()
+		if st != nil {
+			if err := st.Close(); err != nil {
+				t.Fatal(err)
+			}
+		}
+		var err error
+		if st, err = store.Open(dir, store.Options{}); err != nil {
+			t.Fatal(err)
+		}
+		logs := &testutil.SyncBuffer{}
+		p := newPool(st, func() time.Time { return clock }, slog.New(slog.NewTextHandler(logs, nil)))
+		cfg := testConfig(t, keysJSON)
+		s, err := st.Load(clock.Add(-(cfg.LeaseTTL + leaseGrace)), restoreDays(cfg, clock))
+		if err != nil {
+			t.Fatal(err)
+		}
+		batch := &store.Batch{}
+		p.mu.Lock()
+		p.apply(cfg, clock, batch)
+		p.restore(s, clock, batch)
+		p.mu.Unlock()
+		if err := st.Commit(context.Background(), batch); err != nil {
+			t.Fatal(err)
+		}
+		return p, logs
+	}
+	defer func() { st.Close() }()
+	warnLine := `level=WARN msg="` + strings.ReplaceAll(rpmWarning, `"`, `\"`) + `" bucket=p1/gemini-2.5-flash`
+
+	p, _ := start(freeTier)
+	report429(t, p, quota429(t, "gemini-2.5-flash", freeRPM, "5"))
+	checkRPM(t, p, "learned", 5, rpmWarning)
+
+	clock = clock.Add(2 * time.Minute) // past the cooldown
+	p, logs := start(freeTier)
+	checkRPM(t, p, "after a restart", 5, rpmWarning)
+	if !strings.Contains(logs.String(), warnLine) {
+		t.Fatalf("the restart did not log the warning:\n%s", logs)
+	}
+
+	// keys.json's rpm changed while keyd was stopped: forgotten, and not
+	// back when keys.json says 10 again.
+	p, logs = start(strings.ReplaceAll(freeTier, `"rpm":10`, `"rpm":8`))
+	checkRPM(t, p, "keys.json changed", 8)
+	if !strings.Contains(logs.String(), `msg="learned limits forgotten at start: keys.json changed them, or the bucket is gone" bucket=p1/gemini-2.5-flash kept=0 forgotten=1`) {
+		t.Fatalf("no log line for the forgotten limit:\n%s", logs)
+	}
+	p, _ = start(freeTier)
+	checkRPM(t, p, "keys.json back to 10", 10)
+
+	// keyctl reset forgets for good too.
+	report429(t, p, quota429(t, "gemini-2.5-flash", freeRPM, "5"))
+	checkRPM(t, p, "learned again", 5, rpmWarning)
+	if _, err := p.keyAction(context.Background(), "k1", "reset", "test"); err != nil {
+		t.Fatal(err)
+	}
+	checkRPM(t, p, "reset", 10)
+	p, _ = start(freeTier)
+	checkRPM(t, p, "reset, then a restart", 10)
+}

@@ -311,7 +311,7 @@ func (p *pool) penalize(now time.Time, ls *leaseState, v gemini.Verdict, batch *
 	if v.Class == api.ClassSuccess { // the common case, with nothing to summarize
 		if b.Penalty(now).Streak > 0 {
 			b.Succeeded()
-			putBucket(batch, bid, b.Penalty(now))
+			p.putBucket(batch, bid, b.Penalty(now))
 		}
 		return ""
 	}
@@ -334,12 +334,12 @@ func (p *pool) penalize(now time.Time, ls *leaseState, v gemini.Verdict, batch *
 			if obid.Project == bid.Project {
 				changed = changed || ob.Penalty(now).State != limiter.Disabled
 				ob.Disable(reason)
-				putBucket(batch, obid, ob.Penalty(now))
+				p.putBucket(batch, obid, ob.Penalty(now))
 			}
 		}
 		if p.buckets[bid] != b { // a bucket removed by a reload still takes the verdict
 			b.Disable(reason)
-			putBucket(batch, bid, b.Penalty(now))
+			p.putBucket(batch, bid, b.Penalty(now))
 		}
 		action = fmt.Sprintf("every bucket of project %s disabled (billing)", bid.Project)
 		if changed {
@@ -359,7 +359,7 @@ func (p *pool) penalize(now time.Time, ls *leaseState, v gemini.Verdict, batch *
 	}
 	action += p.learnQuotas(now, ls, v)
 	pen := b.Penalty(now)
-	putBucket(batch, bid, pen)
+	p.putBucket(batch, bid, pen)
 	switch {
 	case pen.State == before.State && pen.Until.Equal(before.Until):
 		// no change, as for a 429 on a bucket already disabled
@@ -381,13 +381,16 @@ func penaltyAction(bid config.BucketID, until, now time.Time, format string) str
 	return "bucket " + bid.String() + " " + fmt.Sprintf(format, until.Sub(now).Round(time.Millisecond), until.Format(time.RFC3339))
 }
 
-// putBucket adds the durable form of a bucket's penalty to batch: a record,
-// or its deletion once nothing is left to remember.
-func putBucket(batch *store.Batch, bid config.BucketID, pen limiter.Penalty) {
-	if pen.State == limiter.Ready && pen.Streak == 0 {
+// putBucket adds the durable form of bucket bid to batch: its penalty pen
+// and its learned limits in a record, or the record's deletion once
+// nothing is left to remember. Callers hold mu.
+func (p *pool) putBucket(batch *store.Batch, bid config.BucketID, pen limiter.Penalty) {
+	learned := p.learnedRecord(bid)
+	delete(p.learnedDirty, bid)
+	if pen.State == limiter.Ready && pen.Streak == 0 && len(learned) == 0 {
 		batch.DeleteBuckets = append(batch.DeleteBuckets, store.BucketKey{Project: bid.Project, Model: bid.Model})
 		return
 	}
 	batch.Buckets = append(batch.Buckets, store.Bucket{Project: bid.Project, Model: bid.Model,
-		State: pen.State.String(), Until: pen.Until, Reason: pen.Reason, Streak: pen.Streak})
+		State: pen.State.String(), Until: pen.Until, Reason: pen.Reason, Streak: pen.Streak, Learned: learned})
 }

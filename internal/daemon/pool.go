@@ -60,15 +60,18 @@ type pool struct {
 	buckets  map[config.BucketID]*limiter.Bucket // of cfg
 	retired  map[config.BucketID]*limiter.Bucket // buckets no longer in cfg
 	learned  map[config.BucketID]learnedLimits   // limits Gemini reported lower than cfg's (learned.go)
-	stamp    uint64                              // choose's current call, see bucketSlot
-	leases   map[string]*leaseState              // unreported leases: open, or lapsed and reportable
-	expiries leaseHeap                           // open leases by expiry
-	lapsed   []*leaseState                       // leases that expired unreported, by expiry; see expire
-	reported reportedLeases                      // the answers of the reports of the last reportRetention
-	queues   map[string][]*waiter                // FIFO of waiting lease requests per model (queue.go)
-	timer    *time.Timer                         // runs a dispatch pass when a waiter's bucket frees; nil until needed
-	timerAt  time.Time                           // when timer fires; zero when stopped
-	closing  bool
+	// learnedDirty are the buckets whose learned limits changed since
+	// their record was last added to a batch (putBucket).
+	learnedDirty map[config.BucketID]bool
+	stamp        uint64                 // choose's current call, see bucketSlot
+	leases       map[string]*leaseState // unreported leases: open, or lapsed and reportable
+	expiries     leaseHeap              // open leases by expiry
+	lapsed       []*leaseState          // leases that expired unreported, by expiry; see expire
+	reported     reportedLeases         // the answers of the reports of the last reportRetention
+	queues       map[string][]*waiter   // FIFO of waiting lease requests per model (queue.go)
+	timer        *time.Timer            // runs a dispatch pass when a waiter's bucket frees; nil until needed
+	timerAt      time.Time              // when timer fires; zero when stopped
+	closing      bool
 
 	// access is cfg.Access, readable without mu: every request checks
 	// it, and taking mu for it would double the lock traffic of a lease.
@@ -124,12 +127,13 @@ func (h *leaseHeap) Pop() any {
 func newPool(st store.Store, now func() time.Time, log *slog.Logger) *pool {
 	return &pool{
 		st: st, now: now, log: log, start: now(), m: newMetrics(),
-		keys:    map[string]*keyState{},
-		buckets: map[config.BucketID]*limiter.Bucket{},
-		retired: map[config.BucketID]*limiter.Bucket{},
-		learned: map[config.BucketID]learnedLimits{},
-		leases:  map[string]*leaseState{},
-		queues:  map[string][]*waiter{},
+		keys:         map[string]*keyState{},
+		buckets:      map[config.BucketID]*limiter.Bucket{},
+		retired:      map[config.BucketID]*limiter.Bucket{},
+		learned:      map[config.BucketID]learnedLimits{},
+		learnedDirty: map[config.BucketID]bool{},
+		leases:       map[string]*leaseState{},
+		queues:       map[string][]*waiter{},
 	}
 }
 
@@ -196,6 +200,16 @@ func (p *pool) apply(cfg *config.Config, now time.Time, batch *store.Batch) {
 			p.forget(bid, config.Limits{}, "the bucket is no longer in keys.json")
 		}
 	}
+	for bid := range p.learnedDirty { // a reload changed a limit keyd had learned
+		b := p.buckets[bid]
+		if b == nil {
+			b = p.retired[bid]
+		}
+		if b != nil {
+			p.putBucket(batch, bid, b.Penalty(now))
+		}
+		delete(p.learnedDirty, bid)
+	}
 	slots := map[config.BucketID]*bucketSlot{}
 	for _, ks := range p.order {
 		for m := range ks.key.Models {
@@ -254,6 +268,15 @@ func (p *pool) restore(s *store.State, now time.Time, batch *store.Batch) {
 	for _, b := range s.Buckets {
 		bk := p.buckets[config.BucketID{Project: b.Project, Model: b.Model}]
 		if bk == nil {
+			if len(b.Learned) > 0 { // the bucket left keys.json: its learned limits go
+				rec := b
+				rec.Learned = nil
+				if rec.State == api.StateReady && rec.Streak == 0 {
+					batch.DeleteBuckets = append(batch.DeleteBuckets, store.BucketKey{Project: b.Project, Model: b.Model})
+				} else {
+					batch.Buckets = append(batch.Buckets, rec)
+				}
+			}
 			continue
 		}
 		pen := limiter.Penalty{Until: b.Until, Reason: b.Reason, Streak: b.Streak}
@@ -266,6 +289,7 @@ func (p *pool) restore(s *store.State, now time.Time, batch *store.Batch) {
 			pen.State = limiter.Disabled
 		}
 		bk.SetPenalty(pen)
+		p.restoreLearned(config.BucketID{Project: b.Project, Model: b.Model}, bk, b.Learned, now, batch)
 	}
 	days := map[config.BucketID]store.Day{}
 	for _, d := range s.Days {

@@ -22,7 +22,7 @@ flight, why it is not ready and until when) and each (project, model) quota
 bucket with its usage against its limits. The warnings are the config's,
 then the buckets': a limit that Gemini reported lower than keys.json's,
 with the fix (the bucket enforces Gemini's value until a reload changes
-that limit, keyctl reset of one of its keys, or a restart of keyd). Then
+that limit or keyctl reset of one of its keys; a restart keeps it). Then
 how many lease requests wait for capacity, if any. Secrets never
 appear: a key shows at most the last 4 characters of its secret.`,
 	setup: func(e *env, fs *flag.FlagSet) func(context.Context, []string) error {

@@ -78,6 +78,20 @@ type Bucket struct {
 	Until   time.Time `json:"until,omitzero"` // zero for disabled
 	Reason  string    `json:"reason"`
 	Streak  int       `json:"streak,omitempty"` // consecutive per-minute 429s
+	// Learned are the limits Gemini reported lower than keys.json's (see
+	// the daemon's learned.go); a record may hold them alone, with State
+	// "ready". A keyd that does not know the field ignores it.
+	Learned []LearnedLimit `json:"learned,omitempty"`
+}
+
+// LearnedLimit is one limit a 429's quota value set below keys.json's.
+type LearnedLimit struct {
+	Limit string `json:"limit"` // "rpm", "tpm" or "rpd"
+	Quota string `json:"quota,omitempty"`
+	Value int64  `json:"value"`
+	// Configured is keys.json's limit when it was learned (rpd 0: none):
+	// a restart under another value forgets it, as a reload does.
+	Configured int64 `json:"configured"`
 }
 
 // Key is the durable state of one key that is not ready: disabled by an
