@@ -86,8 +86,8 @@ func (p *pool) reload(load func() (*config.Config, error)) (*api.ReloadResponse,
 	if changed {
 		batch := &store.Batch{}
 		p.apply(cfg, p.now(), batch)
-		if len(batch.DeleteKeys) > 0 {
-			pending = p.st.Submit(batch)
+		if len(batch.DeleteKeys)+len(batch.Buckets)+len(batch.DeleteBuckets) > 0 {
+			pending = p.st.Submit(batch) // re-enabled keys, forgotten learned limits
 		}
 	} else {
 		p.lastErr = ""

@@ -307,7 +307,14 @@ func Run(ctx context.Context, o Options) error {
 	if err := st.Commit(ctx, fixups); err != nil {
 		return fmt.Errorf("updating the store: %w", err)
 	}
-	log.Info("state restored", "dir", stateDir, "leases", len(saved.Leases), "penalties", len(saved.Buckets)+len(saved.Keys))
+	penalties, learned := len(saved.Keys), 0
+	for _, b := range saved.Buckets {
+		if b.State != api.StateReady || b.Streak > 0 {
+			penalties++
+		}
+		learned += len(b.Learned)
+	}
+	log.Info("state restored", "dir", stateDir, "leases", len(saved.Leases), "penalties", penalties, "learned_limits", learned)
 
 	sock := o.SocketPath
 	if sock == "" {

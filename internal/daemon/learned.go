@@ -390,7 +390,7 @@ func (p *pool) restoreLearned(bid config.BucketID, b *limiter.Bucket, recs []sto
 		p.logChange(bid, c, "", 0)
 	}
 	if len(ll) < len(recs) {
-		p.log.Info("learned limits forgotten at start: keys.json changed them, or the bucket is gone", "bucket", bid.String(),
+		p.log.Info("learned limits forgotten at start: keys.json changed them", "bucket", bid.String(),
 			"kept", len(ll), "forgotten", len(recs)-len(ll))
 		p.putBucket(batch, bid, b.Penalty(now))
 	} else {

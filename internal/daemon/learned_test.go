@@ -526,15 +526,18 @@ func TestLearnedLimitsOfARemovedBucket(t *testing.T) {
 	checkRPM(t, p, "p1 added back", 10)
 }
 
-// TestLearnedLimitsSurviveARestart: learned limits are in the store, with
-// the bucket's record, so a restart keeps enforcing and warning about
-// them (logged again at start); a restart under another keys.json value
-// forgets them for good, as a reload does; and so does keyctl reset.
-func TestLearnedLimitsSurviveARestart(t *testing.T) {
+// restarts returns a function that starts a pool on keysJSON with a real
+// store in one directory, as keyd starts (apply, Load, restore, commit),
+// closing the previous one; the test's end closes the last.
+func restarts(t *testing.T, clock *time.Time) func(keysJSON string) (*pool, *testutil.SyncBuffer) {
 	dir := t.TempDir()
-	clock := time.Date(2026, 11, 29, 12, 0, 0, 0, time.UTC)
 	var st *store.DB
-	start := func(keysJSON string) (*pool, *testutil.SyncBuffer) {
+	t.Cleanup(func() {
+		if st != nil {
+			st.Close()
+		}
+	})
+	return func(keysJSON string) (*pool, *testutil.SyncBuffer) {
 		t.Helper()
 		if st != nil {
 			if err := st.Close(); err != nil {
@@ -546,23 +549,31 @@ func TestLearnedLimitsSurviveARestart(t *testing.T) {
 			t.Fatal(err)
 		}
 		logs := &testutil.SyncBuffer{}
-		p := newPool(st, func() time.Time { return clock }, slog.New(slog.NewTextHandler(logs, nil)))
+		p := newPool(st, func() time.Time { return *clock }, slog.New(slog.NewTextHandler(logs, nil)))
 		cfg := testConfig(t, keysJSON)
-		s, err := st.Load(clock.Add(-(cfg.LeaseTTL + leaseGrace)), restoreDays(cfg, clock))
+		s, err := st.Load(clock.Add(-(cfg.LeaseTTL + leaseGrace)), restoreDays(cfg, *clock))
 		if err != nil {
 			t.Fatal(err)
 		}
 		batch := &store.Batch{}
 		p.mu.Lock()
-		p.apply(cfg, clock, batch)
-		p.restore(s, clock, batch)
+		p.apply(cfg, *clock, batch)
+		p.restore(s, *clock, batch)
 		p.mu.Unlock()
 		if err := st.Commit(context.Background(), batch); err != nil {
 			t.Fatal(err)
 		}
 		return p, logs
 	}
-	defer func() { st.Close() }()
+}
+
+// TestLearnedLimitsSurviveARestart: learned limits are in the store, with
+// the bucket's record, so a restart keeps enforcing and warning about
+// them (logged again at start); a restart under another keys.json value
+// forgets them for good, as a reload does; and so does keyctl reset.
+func TestLearnedLimitsSurviveARestart(t *testing.T) {
+	clock := time.Date(2026, 11, 29, 12, 0, 0, 0, time.UTC)
+	start := restarts(t, &clock)
 	warnLine := `level=WARN msg="` + strings.ReplaceAll(rpmWarning, `"`, `\"`) + `" bucket=p1/gemini-2.5-flash`
 
 	p, _ := start(freeTier)
@@ -580,7 +591,7 @@ func TestLearnedLimitsSurviveARestart(t *testing.T) {
 	// back when keys.json says 10 again.
 	p, logs = start(strings.ReplaceAll(freeTier, `"rpm":10`, `"rpm":8`))
 	checkRPM(t, p, "keys.json changed", 8)
-	if !strings.Contains(logs.String(), `msg="learned limits forgotten at start: keys.json changed them, or the bucket is gone" bucket=p1/gemini-2.5-flash kept=0 forgotten=1`) {
+	if !strings.Contains(logs.String(), `msg="learned limits forgotten at start: keys.json changed them" bucket=p1/gemini-2.5-flash kept=0 forgotten=1`) {
 		t.Fatalf("no log line for the forgotten limit:\n%s", logs)
 	}
 	p, _ = start(freeTier)
@@ -595,4 +606,33 @@ func TestLearnedLimitsSurviveARestart(t *testing.T) {
 	checkRPM(t, p, "reset", 10)
 	p, _ = start(freeTier)
 	checkRPM(t, p, "reset, then a restart", 10)
+}
+
+// TestReloadsForgetLearnedLimitsDurably: what a reload forgets stays
+// forgotten after a restart: keys.json's limit changed and changed back,
+// or the bucket removed and added back.
+func TestReloadsForgetLearnedLimitsDurably(t *testing.T) {
+	clock := time.Date(2026, 11, 29, 12, 0, 0, 0, time.UTC)
+	start := restarts(t, &clock)
+	reload := func(p *pool, keysJSON string) {
+		t.Helper()
+		if _, err := p.reload(func() (*config.Config, error) { return testConfig(t, keysJSON), nil }); err != nil {
+			t.Fatal(err)
+		}
+	}
+	without := `{"keys":[{"key_id":"k3","project":"p2","model_name":"gemini-2.5-flash","rpm":10,"tpm":1000000}]}`
+	for _, c := range []struct{ name, between string }{
+		{"limit changed and back", strings.ReplaceAll(freeTier, `"rpm":10`, `"rpm":8`)},
+		{"bucket removed and back", without},
+	} {
+		p, _ := start(freeTier)
+		report429(t, p, quota429(t, "gemini-2.5-flash", freeRPM, "5"))
+		checkRPM(t, p, c.name+": learned", 5, rpmWarning)
+		reload(p, c.between)
+		reload(p, freeTier)
+		checkRPM(t, p, c.name+": reloaded back", 10)
+		clock = clock.Add(2 * time.Minute) // past the cooldown
+		p, _ = start(freeTier)
+		checkRPM(t, p, c.name+": restarted", 10)
+	}
 }

@@ -269,6 +269,8 @@ func (p *pool) restore(s *store.State, now time.Time, batch *store.Batch) {
 		bk := p.buckets[config.BucketID{Project: b.Project, Model: b.Model}]
 		if bk == nil {
 			if len(b.Learned) > 0 { // the bucket left keys.json: its learned limits go
+				p.log.Info("learned limits forgotten at start: the bucket is no longer in keys.json",
+					"bucket", config.BucketID{Project: b.Project, Model: b.Model}.String(), "forgotten", len(b.Learned))
 				rec := b
 				rec.Learned = nil
 				if rec.State == api.StateReady && rec.Streak == 0 {
