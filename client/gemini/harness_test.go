@@ -8,7 +8,6 @@ import (
 	"os"
 	"path/filepath"
 	"regexp"
-	"sort"
 	"strconv"
 	"strings"
 	"testing"
@@ -254,10 +253,4 @@ func same(t *testing.T, what string, got, want []string) {
 	if strings.Join(got, " ") != strings.Join(want, " ") {
 		t.Errorf("%s = %q, want %q", what, got, want)
 	}
-}
-
-func sorted(s []string) []string {
-	s = append([]string(nil), s...)
-	sort.Strings(s)
-	return s
 }
